@@ -1,4 +1,6 @@
-"""Per-client state that outlives one round (e.g. a privacy accountant), one JSON file per client.
+"""Per-client state that outlives one round (a privacy accountant, an error-feedback residual, local factors).
+
+JSON values live in one file per client; named tensor sets (numpy arrays) in `.npz` files beside it.
 
 Ray workers are stateless between rounds (any worker may run any client), so state lives on
 disk: under `<run_dir>/client_state/` in simulation, else under
@@ -9,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 STATE_DIR = "client_state"
 
@@ -38,6 +43,28 @@ class ClientStateStore:
         with os.fdopen(fd, "w") as f:
             json.dump(state, f)
         os.replace(tmp, self.path(client_id))
+
+    def array_path(self, client_id: int, name: str) -> Path:
+        """The file holding one named tensor set of one client."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"tensor set name must be letters, digits, '_' or '-', got {name!r}")
+        return self.root / f"client-{int(client_id)}.{name}.npz"
+
+    def load_arrays(self, client_id: int, name: str) -> dict[str, np.ndarray]:
+        """The client's saved tensor set `name` (e.g. "residual"), or {} if it has none yet."""
+        p = self.array_path(client_id, name)
+        if not p.is_file():
+            return {}
+        with np.load(p, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+    def save_arrays(self, client_id: int, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the client's tensor set `name` atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".client-{int(client_id)}.{name}.", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, self.array_path(client_id, name))
 
     def client_ids(self) -> list[int]:
         """Ids of every client with saved state."""
