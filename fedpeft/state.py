@@ -60,11 +60,12 @@ class ClientStateStore:
 
     def save_arrays(self, client_id: int, name: str, arrays: dict[str, np.ndarray]) -> None:
         """Replace the client's tensor set `name` atomically."""
+        target = self.array_path(client_id, name)
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".client-{int(client_id)}.{name}.", suffix=".npz")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, self.array_path(client_id, name))
+        os.replace(tmp, target)
 
     def client_ids(self) -> list[int]:
         """Ids of every client with saved state."""
