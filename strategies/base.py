@@ -62,6 +62,7 @@ class AdapterStrategy(FedAvg):
         self.initial_state = {k: v for k, v in adapter_state(model).items() if self.exchanged(k)}
         self.template = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in self.initial_state.items()}
         self.rejections: list[Rejection] = []
+        self.sent: dict[int, ArrayRecord] = {}
         self.client_metrics: list[tuple[int, dict]] = []
 
     # ----- what the method changes about models and configs --------------------------------
@@ -114,8 +115,17 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid
     ) -> Iterable[Message]:
         """Send the global adapter and the round number to this round's sampled clients."""
+        nodes = self.sample(server_round, grid)
+        self.sent = dict.fromkeys(nodes, arrays)
         record = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-        return self._construct_messages(record, self.sample(server_round, grid), MessageType.TRAIN)
+        return self._construct_messages(record, nodes, MessageType.TRAIN)
+
+    def reference(self, node_id: int) -> ArrayRecord:
+        """The dense adapter tensors this round sent to `node_id` (what a client's update is relative to).
+
+        A method that sends different tensors to different clients fills `self.sent` per node.
+        """
+        return self.sent[node_id]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
