@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.codec import coded_train
 from clients.registry import get_trainer_class
 from clients.runtime import client_id, runtime
 from fedpeft.env import quiet_libraries
@@ -28,7 +29,7 @@ def _trainer(context: Context):
 def train(msg: Message, context: Context) -> Message:
     """Train locally with the method's client trainer and reply with its upload."""
     quiet_libraries()
-    return Message(_trainer(context).train(msg, client_id(context)), reply_to=msg)
+    return Message(coded_train(_trainer(context), runtime(context), msg, client_id(context)), reply_to=msg)
 
 
 @app.query()

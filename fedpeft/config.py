@@ -168,6 +168,36 @@ class DPConfig(_Section):
         return self
 
 
+MERGES = ("mean", "sparse-mean", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+class CodecsConfig(_Section):
+    """Update codecs: `[delta] [sparsifier] [value coder]` chains for uploads and downloads, and the merge rule."""
+
+    up: list[str] = Field(default_factory=list, description='e.g. ["delta", "topk:0.05", "ternary"]; [] = dense')
+    down: list[str] = Field(default_factory=list, description='casts only, e.g. ["fp16"]; [] = dense')
+    error_feedback: bool | None = Field(None, description="keep what was not sent per client; default: on with topk")
+    merge: Literal[MERGES] = Field("mean", description="how client updates combine (peft merge utilities)")
+    merge_density: float = Field(0.5, gt=0.0, le=1.0, description="fraction kept by ties / dare / magnitude_prune")
+
+    @field_validator("up", "down")
+    @classmethod
+    def _chain_builds(cls, v: list[str], info) -> list[str]:
+        from fedpeft.codecs import Chain, CodecSpecError
+
+        try:
+            if v:
+                Chain(v, direction=info.field_name)
+        except CodecSpecError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    @property
+    def active(self) -> bool:
+        """Whether any codec or a non-default merge is configured."""
+        return bool(self.up or self.down) or self.merge != "mean"
+
+
 class OutputConfig(_Section):
     """Where the run directory goes and how often the global adapter is checkpointed."""
 
@@ -187,6 +217,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     sim: SimConfig = SimConfig()
     dp: DPConfig = DPConfig()
+    codecs: CodecsConfig = CodecsConfig()
     output: OutputConfig = OutputConfig()
 
     @field_validator("name")
@@ -249,6 +280,7 @@ def _check_plugins(cfg: Config) -> None:
     get_strategy_class(cfg.method.name).validate_config(cfg)
     build_peft_config(cfg.adapter)
     _check_dp_method(cfg)
+    _check_codecs_method(cfg)
 
 
 def _check_dp_method(cfg: Config) -> None:
@@ -261,6 +293,20 @@ def _check_dp_method(cfg: Config) -> None:
             f"dp.enabled = true needs a first-order method, but method.name = '{cfg.method.name}' "
             f"trains with the '{trainer}' client (DP-SGD needs per-sample gradients)"
         )
+
+
+def _check_codecs_method(cfg: Config) -> None:
+    # Codecs act on adapter tensors; a zeroth-order method already sends only seeds and scalars.
+    from strategies import get_strategy_class
+
+    trainer = get_strategy_class(cfg.method.name).client_trainer
+    if cfg.codecs.active and trainer != "first_order":
+        raise ConfigError(
+            f"[codecs] applies to first-order methods, but method.name = '{cfg.method.name}' trains with the "
+            f"'{trainer}' client (its uploads are already seeds and scalars)"
+        )
+    if cfg.codecs.merge == "sparse-mean" and not cfg.codecs.up:
+        raise ConfigError("codecs.merge = 'sparse-mean' averages over the entries each client sent: set codecs.up")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

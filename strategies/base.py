@@ -16,7 +16,11 @@ from flwr.supercore import log
 from pydantic import BaseModel, ConfigDict
 
 from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.codecs import PayloadError
+from fedpeft.codecs.endpoints import CODEC_RECORD, Codecs, DecodedUpdate, numpy_state, to_record
+from fedpeft.codecs.merge import merge_updates
 from fedpeft.config import Config
+from fedpeft.seeding import derive_seed
 from fedpeft.nodes import NodeDirectory
 
 if TYPE_CHECKING:
@@ -63,6 +67,8 @@ class AdapterStrategy(FedAvg):
         self.template = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in self.initial_state.items()}
         self.rejections: list[Rejection] = []
         self.sent: dict[int, ArrayRecord] = {}
+        self.codecs = Codecs(cfg.codecs, cfg.sim.seed) if cfg.codecs.active else None
+        self.decoded: dict[int, DecodedUpdate] = {}
         self.client_metrics: list[tuple[int, dict]] = []
 
     # ----- what the method changes about models and configs --------------------------------
@@ -116,8 +122,14 @@ class AdapterStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send the global adapter and the round number to this round's sampled clients."""
         nodes = self.sample(server_round, grid)
-        self.sent = dict.fromkeys(nodes, arrays)
-        record = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+        config = ConfigRecord({"server-round": server_round})
+        if self.codecs is not None and self.codecs.down is not None:
+            coded, dense = self.codecs.encode_download(arrays, server_round)
+            self.sent = dict.fromkeys(nodes, dense)
+            record = RecordDict({CODEC_RECORD: coded, "config": config})
+        else:
+            self.sent = dict.fromkeys(nodes, arrays)
+            record = RecordDict({"arrays": arrays, "config": config})
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
     def reference(self, node_id: int) -> ArrayRecord:
@@ -137,16 +149,40 @@ class AdapterStrategy(FedAvg):
         return self.combine(server_round, valid)
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate replies that passed validation: Flower's example-weighted FedAvg."""
-        return FedAvg.aggregate_train(self, server_round, valid)
+        """Aggregate replies that passed validation: Flower's example-weighted FedAvg, or the `codecs.merge` rule."""
+        if self.codecs is None or self.codecs.cfg.merge == "mean":
+            return FedAvg.aggregate_train(self, server_round, valid)
+        return self.merge(server_round, valid)
+
+    def merge(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        """Global + the clients' updates combined by `codecs.merge` (sparse mean or a peft merge)."""
+        nodes = [m.metadata.src_node_id for m in valid]
+        reference = numpy_state(self.reference(nodes[0]))
+        updates, supports = [], []
+        for node, msg in zip(nodes, valid):
+            if node in self.decoded:
+                updates.append(self.decoded[node].update)
+                supports.append(self.decoded[node].support)
+            else:  # a dense upload: the update is what changed
+                updates.append({k: msg.content["arrays"][k].numpy() - v for k, v in reference.items()})
+                supports.append(dict.fromkeys(reference))
+        contents = [m.content for m in valid]
+        weights = [float(next(iter(c.metric_records.values()))[NUM_EXAMPLES]) for c in contents]
+        cfg = self.codecs.cfg
+        merged = merge_updates(cfg.merge, updates, supports, weights, cfg.merge_density,
+                               derive_seed(self.cfg.sim.seed, server_round))
+        arrays = to_record({k: reference[k] + merged[k] for k in reference}, reference)
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     # ----- validation ---------------------------------------------------------------------
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that pass validation; the others are recorded as rejections."""
         valid = []
+        self.decoded = {}
         for msg in replies:
-            reason = f"client failed: {msg.error.reason}" if msg.has_error() else self.check_reply(msg.content)
             client = self.directory.client_of(msg.metadata.src_node_id)
+            reason = f"client failed: {msg.error.reason}" if msg.has_error() else self.decode(server_round, msg, client)
+            reason = reason or self.check_reply(msg.content)
             if reason is None:
                 valid.append(msg)
                 self.client_metrics.append((client, dict(next(iter(msg.content.metric_records.values())))))
@@ -154,6 +190,22 @@ class AdapterStrategy(FedAvg):
             self.rejections.append(Rejection(server_round, client, reason))
             log(WARNING, "round %d: rejected reply from client %d: %s", server_round, client, reason)
         return valid
+
+    def decode(self, server_round: int, msg: Message, client: int) -> str | None:
+        """Turn a coded upload into the dense `arrays` record in place; why it cannot be, or None."""
+        if self.codecs is None or self.codecs.up is None:
+            return None
+        node = msg.metadata.src_node_id
+        if node not in self.sent:
+            return f"node {node} was not sent anything this round"
+        try:
+            decoded = self.codecs.decode_upload(msg.content, self.reference(node), client, server_round)
+        except PayloadError as err:
+            return f"malformed payload: {err}"
+        rest = {name: rec for name, rec in msg.content.items() if name != CODEC_RECORD}
+        msg.content = RecordDict({"arrays": decoded.arrays, **rest})
+        self.decoded[node] = decoded
+        return None
 
     def check_reply(self, content: RecordDict) -> str | None:
         """Why a reply cannot be aggregated, or None if it is fine."""
