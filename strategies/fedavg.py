@@ -9,6 +9,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedpeft.config import Config, ConfigError
 from strategies.base import NUM_EXAMPLES, AdapterStrategy
 from strategies.registry import register
 
@@ -45,6 +46,16 @@ class FedAvgAdapter(AdapterStrategy):
     """
 
     Options = FedAvgOptions
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """Refuse exact LoRA aggregation together with a merge rule other than the mean."""
+        opts = cls.Options.model_validate(cfg.method.options())
+        if getattr(opts, "lora_aggregation", "separate") == "exact" and cfg.codecs.merge != "mean":
+            raise ConfigError(
+                f"method.lora_aggregation = 'exact' averages B·A itself: it cannot be combined with "
+                f"codecs.merge = '{cfg.codecs.merge}' (use merge = 'mean', or lora_aggregation = 'separate')"
+            )
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted average; with exact LoRA aggregation the A/B pairs are replaced by the SVD of mean(B·A)."""

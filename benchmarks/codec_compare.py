@@ -1,0 +1,90 @@
+"""Accuracy against true upload bytes: dense FedAvg-LoRA vs update-codec chains on one recipe.
+
+    python benchmarks/codec_compare.py [--recipe simulations/default.toml] [--rounds N]
+                                       [--chain "delta,topk:0.05,ternary" ...] [--out codec_compare.md]
+
+Each chain runs the same recipe (same seed, clients, rounds) with `codecs.up` set to it. Upload
+bytes come from each run's communication ledger (serialized Flower messages), so indices, scales,
+headers and Flower's framing are all counted. The ratio is dense upload bytes / chain upload bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from fedpeft.env import quiet_libraries, set_offline_env
+
+set_offline_env()
+quiet_libraries()
+
+from fedpeft.config import load
+from fedpeft.report.load import load_run
+from fedpeft.report.tables import run_stats
+from fedpeft.simulation import simulate
+
+DEFAULT_CHAINS = [
+    "delta,ternary",
+    "delta,randk:0.1,int8",
+    "delta,topk:0.1,ternary",
+    "delta,topk:0.05",
+    "delta,dare:0.9,int8",
+    "delta,int8",
+    "delta,topk:0.01:global,ternary",
+]
+
+
+def run_chain(recipe: str, chain: str | None, rounds: int | None, out_dir: str) -> dict:
+    """One run of the recipe with `chain` as the upload codec (None: dense); its headline figures."""
+    overrides = [f"output.dir={out_dir}", f"name={'dense' if chain is None else chain.replace(',', '+').replace(':', '')}"]
+    if rounds:
+        overrides.append(f"sim.rounds={rounds}")
+    if chain:
+        overrides.append("codecs.up=[" + ",".join(f'"{c}"' for c in chain.split(",")) + "]")
+    cfg = load(recipe, overrides)
+    start = time.perf_counter()
+    summary = simulate(cfg)
+    wall = time.perf_counter() - start
+    stats = run_stats(load_run(summary["run_dir"]))
+    rejected = sum(int(m.get("rejected", 0)) for m in load_run(summary["run_dir"]).metrics)
+    return {"chain": chain or "dense fp32", "final": stats.final_accuracy, "best": stats.best_accuracy,
+            "up": stats.bytes_up, "down": stats.bytes_down, "rejected": rejected, "wall": wall}
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the runs, with compression ratios against the dense run (the first row)."""
+    dense = rows[0]["up"]
+    lines = ["| upload chain | final acc | best acc | upload bytes | ratio vs dense | rejected | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| `{r['chain']}` | {r['final']:.3f} | {r['best']:.3f} | {r['up']:,} | "
+                     f"{dense / r['up']:.1f}× | {r['rejected']} | {r['wall']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run dense and every chain, print (and optionally write) the comparison table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="simulations/default.toml")
+    ap.add_argument("--rounds", type=int, default=None, help="override sim.rounds")
+    ap.add_argument("--chain", action="append", help="comma-separated chain; repeatable (default: a standard set)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense reference run (ratios then use the first chain)")
+    ap.add_argument("--runs-dir", default="runs/codec_compare")
+    ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    args = ap.parse_args()
+    chains = ([] if args.no_dense else [None]) + (args.chain or DEFAULT_CHAINS)
+    rows = []
+    for chain in chains:
+        print(f"running {chain or 'dense'} ...", flush=True)
+        rows.append(run_chain(args.recipe, chain, args.rounds, args.runs_dir))
+        r = rows[-1]
+        print(f"  final {r['final']:.3f} best {r['best']:.3f} upload {r['up']:,} B ({r['wall']:.0f} s)", flush=True)
+    text = table(rows)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
