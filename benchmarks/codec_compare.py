@@ -3,6 +3,8 @@
     python benchmarks/codec_compare.py [--recipe simulations/default.toml] [--rounds N]
                                        [--chain "delta,topk:0.05,ternary" ...] [--out codec_compare.md]
 
+A chain may carry more `[codecs]` keys after semicolons: "delta,randk:0.1,int8;merge=sparse-mean".
+
 Each chain runs the same recipe (same seed, clients, rounds) with `codecs.up` set to it. Upload
 bytes come from each run's communication ledger (serialized Flower messages), so indices, scales,
 headers and Flower's framing are all counted. The ratio is dense upload bytes / chain upload bytes.
@@ -11,7 +13,6 @@ headers and Flower's framing are all counted. The ratio is dense upload bytes / 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from fedpeft.env import quiet_libraries, set_offline_env
@@ -26,7 +27,7 @@ from fedpeft.simulation import simulate
 
 DEFAULT_CHAINS = [
     "delta,ternary",
-    "delta,randk:0.1,int8",
+    "delta,randk:0.1,int8;merge=sparse-mean",
     "delta,topk:0.1,ternary",
     "delta,topk:0.05",
     "delta,dare:0.9,int8",
@@ -37,19 +38,29 @@ DEFAULT_CHAINS = [
 
 def run_chain(recipe: str, chain: str | None, rounds: int | None, out_dir: str) -> dict:
     """One run of the recipe with `chain` as the upload codec (None: dense); its headline figures."""
-    overrides = [f"output.dir={out_dir}", f"name={'dense' if chain is None else chain.replace(',', '+').replace(':', '')}"]
+    stages, *options = (chain or "").split(";")
+    label = "dense" if chain is None else chain.replace(",", "+").replace(":", "").replace(";", "-").replace("=", "")
+    overrides = [f"output.dir={out_dir}", f"name={label}"]
     if rounds:
         overrides.append(f"sim.rounds={rounds}")
-    if chain:
-        overrides.append("codecs.up=[" + ",".join(f'"{c}"' for c in chain.split(",")) + "]")
-    cfg = load(recipe, overrides)
-    start = time.perf_counter()
-    summary = simulate(cfg)
-    wall = time.perf_counter() - start
-    stats = run_stats(load_run(summary["run_dir"]))
-    rejected = sum(int(m.get("rejected", 0)) for m in load_run(summary["run_dir"]).metrics)
-    return {"chain": chain or "dense fp32", "final": stats.final_accuracy, "best": stats.best_accuracy,
-            "up": stats.bytes_up, "down": stats.bytes_down, "rejected": rejected, "wall": wall}
+    if stages:
+        overrides.append("codecs.up=[" + ",".join(f'"{c}"' for c in stages.split(",")) + "]")
+    overrides += [f"codecs.{o.strip()}" for o in options if o.strip()]
+    return row(simulate(load(recipe, overrides))["run_dir"])
+
+
+def row(run_dir: str | Path) -> dict:
+    """Headline figures of one finished run directory (its codecs, accuracy, ledger bytes)."""
+    run = load_run(run_dir)
+    stats = run_stats(run)
+    codecs = run.config.get("codecs") or {}
+    chain = ",".join(codecs.get("up", [])) or "dense fp32"
+    extra = {k: v for k, v in codecs.items() if k != "up" and v not in (None, [], "mean", 0.5)}
+    if extra:
+        chain += ";" + ";".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in extra.items())
+    return {"chain": chain, "final": stats.final_accuracy, "best": stats.best_accuracy, "up": stats.bytes_up,
+            "down": stats.bytes_down, "rejected": sum(int(m.get("rejected", 0)) for m in run.metrics),
+            "wall": float(run.summary.get("wall_s") or 0.0)}
 
 
 def table(rows: list[dict]) -> str:
@@ -72,7 +83,15 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference run (ratios then use the first chain)")
     ap.add_argument("--runs-dir", default="runs/codec_compare")
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    ap.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
+                    help="tabulate finished run directories instead of running (the first is the reference)")
     args = ap.parse_args()
+    if args.from_runs:
+        text = table([row(d) for d in args.from_runs])
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     chains = ([] if args.no_dense else [None]) + (args.chain or DEFAULT_CHAINS)
     rows = []
     for chain in chains:
