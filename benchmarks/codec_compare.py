@@ -59,18 +59,17 @@ def row(run_dir: str | Path) -> dict:
     if extra:
         chain += ";" + ";".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in extra.items())
     return {"chain": chain, "final": stats.final_accuracy, "best": stats.best_accuracy, "up": stats.bytes_up,
-            "down": stats.bytes_down, "rejected": sum(int(m.get("rejected", 0)) for m in run.metrics),
-            "wall": float(run.summary.get("wall_s") or 0.0)}
+            "down": stats.bytes_down, "rejected": sum(int(m.get("rejected", 0)) for m in run.metrics)}
 
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of the runs, with compression ratios against the dense run (the first row)."""
     dense = rows[0]["up"]
-    lines = ["| upload chain | final acc | best acc | upload bytes | ratio vs dense | rejected | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| upload chain | final acc | best acc | upload bytes | ratio vs dense | rejected |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| `{r['chain']}` | {r['final']:.3f} | {r['best']:.3f} | {r['up']:,} | "
-                     f"{dense / r['up']:.1f}× | {r['rejected']} | {r['wall']:.0f} |")
+                     f"{dense / r['up']:.1f}× | {r['rejected']} |")
     return "\n".join(lines)
 
 
@@ -98,7 +97,7 @@ def main() -> None:
         print(f"running {chain or 'dense'} ...", flush=True)
         rows.append(run_chain(args.recipe, chain, args.rounds, args.runs_dir))
         r = rows[-1]
-        print(f"  final {r['final']:.3f} best {r['best']:.3f} upload {r['up']:,} B ({r['wall']:.0f} s)", flush=True)
+        print(f"  final {r['final']:.3f} best {r['best']:.3f} upload {r['up']:,} B", flush=True)
     text = table(rows)
     print(text)
     if args.out:
