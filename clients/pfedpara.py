@@ -57,7 +57,10 @@ class PFedParaTrainer(FirstOrderTrainer):
         everything = self.keys | set(initial)
         # peft loads a classifier head only together with the other tensors: load full sets.
         load_adapter_state(model, {**glob, **initial}, keys=everything)
-        evaluate_local = lambda: evaluate(model, test, cfg.sim.eval_batch_size, task.pad_token_id)["accuracy"]  # noqa: E731
+
+        def evaluate_local() -> float:
+            return evaluate(model, test, cfg.sim.eval_batch_size, task.pad_token_id)["accuracy"]
+
         global_acc = evaluate_local() if len(test) else 0.0
         saved = store.load_arrays(cid, LOCAL_SET)
         if saved:

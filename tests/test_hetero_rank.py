@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters import adapter_state
@@ -54,7 +54,8 @@ def _strategy(name: str, num_clients: int = 4):
 
 def _train_round(strategy, model, seed: int = 0) -> tuple[list[Message], list[tuple[int, int, dict]]]:
     """Send round 1, answer every message with random factors of its rank; (replies, (rank, n, state))."""
-    msgs = list(strategy.configure_train(1, strategy.initial_arrays(), None, _Grid(sorted(strategy.directory.node_to_client))))
+    grid = _Grid(sorted(strategy.directory.node_to_client))
+    msgs = list(strategy.configure_train(1, strategy.initial_arrays(), None, grid))
     g = torch.Generator().manual_seed(seed)
     replies, sent = [], []
     for i, m in enumerate(msgs):
@@ -124,7 +125,8 @@ def test_a_reply_of_the_wrong_rank_is_rejected():
     _, model, strategy = _strategy("hetlora")
     replies, sent = _train_round(strategy, model)
     i = next(i for i, (r, _, _) in enumerate(sent) if r == 2)
-    wrong = {k: torch.from_numpy(v) for k, v in pad_lora(sent[i][2], {k: tuple(v.shape) for k, v in adapter_state(model).items()}).items()}
+    shapes = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+    wrong = {k: torch.from_numpy(v) for k, v in pad_lora(sent[i][2], shapes).items()}
     replies[i].content = RecordDict({"arrays": ArrayRecord(wrong), "metrics": replies[i].content["metrics"]})
     strategy.aggregate_train(1, replies)
     (rej,) = strategy.pop_rejections()
