@@ -31,6 +31,10 @@ class FirstOrderTrainer:
         self.method.prepare_model(rt.model)
         self.keys = {k for k in adapter_state(rt.model) if self.method.exchanged(k)}
 
+    def dataset(self, cid: int):
+        """The examples client `cid` trains on (its whole partition)."""
+        return self.rt.task.client_dataset(cid)
+
     def train(self, msg: Message, cid: int) -> RecordDict:
         """Train on client `cid` from the global adapter in `msg`; reply with adapter + metrics."""
         cfg, model, task = self.rt.cfg, self.rt.model, self.rt.task
@@ -40,7 +44,7 @@ class FirstOrderTrainer:
             return train_dp(self.rt, msg, cid, make_optimizer, self.keys)
         server_round = int(msg.content["config"]["server-round"])
         load_adapter_state(model, msg.content["arrays"].to_torch_state_dict(), keys=self.keys)
-        ds = task.client_dataset(cid)
+        ds = self.dataset(cid)
         seed = cfg.sim.seed
         torch.manual_seed(derive_seed(seed, server_round, cid, "dropout"))
         batches = train_batches(

@@ -97,6 +97,7 @@ def run_server(
         row.update(epsilon_stats(privacy.record(rnd, strategy.pop_client_metrics())))
         if train_metrics is not None and "train-loss" in train_metrics:
             row["train_loss"] = float(train_metrics["train-loss"])
+        row.update(strategy.round_metrics(rnd, ledger))
         if rejected:
             row["rejections"] = [{"client_id": r.client_id, "reason": r.reason} for r in rejected]
         row["round_s"] = time.perf_counter() - t0
@@ -114,6 +115,7 @@ def run_server(
     strategy.export(model, rundir)
     summary = _summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
     summary.update(privacy.summary())
+    summary.update(strategy.run_metrics(ledger, rows))
     rundir.write_summary(summary)
     return summary
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from logging import INFO, WARNING
 
 import numpy as np
@@ -25,6 +25,8 @@ from fedpeft.nodes import NodeDirectory
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+    from fedpeft.ledger import CommLedger
 
 NUM_EXAMPLES = "num-examples"
 
@@ -102,6 +104,14 @@ class AdapterStrategy(FedAvg):
         """(client id, reply metrics) of each accepted reply since the last call (e.g. per-client ε)."""
         out, self.client_metrics = self.client_metrics, []
         return out
+
+    def round_metrics(self, server_round: int, ledger: "CommLedger") -> dict[str, Any]:
+        """Method-specific entries for this round's metrics row (e.g. per-tier bytes); none by default."""
+        return {}
+
+    def run_metrics(self, ledger: "CommLedger", rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Method-specific entries for the run summary; none by default."""
+        return {}
 
     def pop_rejections(self) -> list[Rejection]:
         """Rejections since the last call."""

@@ -61,14 +61,19 @@ class FedAvgAdapter(AdapterStrategy):
         """Weighted average; with exact LoRA aggregation the A/B pairs are replaced by the SVD of mean(B·A)."""
         arrays, metrics = super().combine(server_round, valid)
         if getattr(self.options, "lora_aggregation", "separate") == "exact" and arrays is not None:
-            weights = np.array([float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for m in valid])
-            weights /= weights.sum()
-            out = {k: arrays[k] for k in arrays}
-            for ka, kb in lora_pairs(arrays):
-                mean = sum(w * (m.content["arrays"][kb].numpy() @ m.content["arrays"][ka].numpy())
-                           for w, m in zip(weights, valid))
-                b, a = refactorize(mean, arrays[ka].shape[0])
-                dtype = arrays[ka].numpy().dtype  # the weights are float64: keep the adapter's own dtype
-                out[ka], out[kb] = Array(a.astype(dtype)), Array(b.astype(dtype))
-            arrays = ArrayRecord(out)
+            arrays = exact_lora(arrays, valid)
         return arrays, metrics
+
+
+def exact_lora(arrays: ArrayRecord, valid: list[Message]) -> ArrayRecord:
+    """`arrays` with every LoRA pair replaced by the rank-r SVD factors of the example-weighted mean of B·A."""
+    weights = np.array([float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for m in valid])
+    weights /= weights.sum()
+    out = {k: arrays[k] for k in arrays}
+    for ka, kb in lora_pairs(arrays):
+        mean = sum(w * (m.content["arrays"][kb].numpy() @ m.content["arrays"][ka].numpy())
+                   for w, m in zip(weights, valid))
+        b, a = refactorize(mean, arrays[ka].shape[0])
+        dtype = arrays[ka].numpy().dtype  # the weights are float64: keep the adapter's own dtype
+        out[ka], out[kb] = Array(a.astype(dtype)), Array(b.astype(dtype))
+    return ArrayRecord(out)

@@ -36,13 +36,18 @@ class FedPara(FedAvgAdapter):
     Options = FedParaOptions
 
     @classmethod
+    def matched_rank(cls, lora_rank: int) -> int:
+        """The LoHa rank that `match_lora_rank = lora_rank` selects (same size as that LoRA)."""
+        return equal_bytes_loha_rank(lora_rank)
+
+    @classmethod
     def validate_config(cls, cfg: Config) -> None:
         """Require a LoHa adapter; apply `match_lora_rank`."""
         if cfg.adapter.type.lower() != "loha":
-            raise ConfigError(f"method 'fedpara' needs adapter.type = 'loha' (got '{cfg.adapter.type}')")
+            raise ConfigError(f"method '{cls.method_name}' needs adapter.type = 'loha' (got '{cfg.adapter.type}')")
         opts = cls.Options.model_validate(cfg.method.options())
         if opts.match_lora_rank:
             kwargs = cfg.adapter.peft_kwargs()
-            kwargs["r"] = equal_bytes_loha_rank(opts.match_lora_rank)
+            kwargs["r"] = cls.matched_rank(opts.match_lora_rank)
             kwargs.setdefault("alpha", kwargs["r"])
             cfg.adapter = AdapterConfig(type=cfg.adapter.type, **kwargs)

@@ -15,6 +15,7 @@ from datasets import Dataset, load_from_disk
 from fedpeft.config import Config
 from fedpeft.data.partitioning import partition_indices
 from fedpeft.data.sources import DataError, load_raw
+from fedpeft.seeding import rng
 
 META_FILE = "task.json"
 
@@ -39,6 +40,18 @@ class PreparedTask:
         if not 0 <= client_id < len(self.partitions):
             raise DataError(f"client id {client_id} out of range (0..{len(self.partitions) - 1})")
         return self.train.select(self.partitions[client_id])
+
+    def local_split(self, client_id: int, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+        """A client's partition split into (train, local test) by a seeded shuffle.
+
+        The local test part is round(test_fraction * n) examples, at least one and leaving at least
+        one for training; a client with a single example has an empty local test part.
+        """
+        rows = self.client_dataset(client_id)
+        n = len(rows)
+        n_test = min(max(round(test_fraction * n), 1), n - 1) if n >= 2 else 0
+        order = rng(seed, client_id, "local-test-split").permutation(n)
+        return rows.select(sorted(order[n_test:].tolist())), rows.select(sorted(order[:n_test].tolist()))
 
 
 def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
