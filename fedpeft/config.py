@@ -156,7 +156,9 @@ class UserDPConfig(_Section):
     target_epsilon: float | None = Field(None, gt=0.0, description="noise solved for sim.rounds releases")
     delta: float | None = Field(None, gt=0.0, lt=1.0, description="default 1/(10 sim.num_clients)")
     clipping_norm: float = Field(0.1, gt=0.0, description="bound on each update's L2 norm (adaptive: initial bound)")
-    target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0, description="adaptive: fraction of updates clipped")
+    target_quantile: float = Field(
+        0.5, ge=0.0, le=1.0, description="adaptive: quantile of update norms the bound tracks (fraction left unclipped)"
+    )
     clip_norm_lr: float = Field(0.2, gt=0.0, description="adaptive: learning rate of the bound")
     clipped_count_stddev: float | None = Field(None, gt=0.0, description="adaptive: default clients_per_round/20")
     accountant: Literal["rdp", "prv"] = "rdp"

@@ -9,6 +9,7 @@ Opacus's accountant over `releases` steps at sampling rate q = clients_per_round
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO
@@ -58,14 +59,24 @@ def solve_noise(target_epsilon: float, delta: float, q: float, rounds: int, acco
     """The noise multiplier reaching (target_epsilon, delta) after `rounds` releases at client rate q."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    from fedpeft import dp
+
+    steps = max(rounds, 1)
+    why = ""
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
-                                          steps=max(rounds, 1), accountant=accountant))
+        nm = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
+                                        steps=steps, accountant=accountant))
+        # Opacus stops within its ε tolerance (0.01): below that a "solution" can still overshoot the target.
+        reached = dp.epsilon(accountant, [[nm, q, steps]], delta)
+        if reached <= target_epsilon:
+            return nm
+        why = f"the closest noise multiplier, {nm:g}, gives ε = {reached:.3g}"
     except ValueError as err:
-        raise ConfigError(
-            f"dp.user.target_epsilon = {target_epsilon:g} cannot be reached with δ = {delta:g}, client sampling "
-            f"rate {q:.4g} and {rounds} rounds ({err}); raise dp.user.target_epsilon or lower sim.rounds"
-        ) from None
+        why = str(err)
+    raise ConfigError(
+        f"dp.user.target_epsilon = {target_epsilon:g} cannot be reached with δ = {delta:g}, client sampling "
+        f"rate {q:.4g} and {rounds} rounds ({why}); raise dp.user.target_epsilon or lower sim.rounds"
+    )
 
 
 def epsilon(p: UserPlan, releases: int) -> float:
@@ -152,16 +163,23 @@ class _Combine(Strategy):
         self.strategy.summary()
 
 
-class _RoundNorm:
-    """Noise for the clipping bound the round's updates were clipped to.
+class _Adaptive:
+    """Fixes to Flower 1.41's adaptive clipping (Andrew et al., 2019), kept out of the wrapped classes' logic.
 
-    Flower's adaptive wrappers update the bound before adding the noise, so the noise would follow the
-    next round's bound (up to exp(clip_norm_lr / 2) too small); this keeps the one that was applied.
+    1. The bound must follow the γ-quantile of update norms: C ← C·exp(-η(b̄ - γ)) with b̄ the (noised)
+       fraction of updates left *unclipped*. Flower feeds the clipped fraction into the same formula, so
+       the bound runs away from the quantile (all updates clipped → C shrinks further).
+    2. Flower updates the bound before adding the round's noise, so the noise followed the next round's
+       bound (up to exp(η/2) too small for the sensitivity); the noise here uses the bound applied.
     """
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         self._round_norm = self.clipping_norm
         return super().aggregate_train(server_round, replies)
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        unclipped = 1.0 - clipped_fraction
+        self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
         nxt, self.clipping_norm = self.clipping_norm, self._round_norm
@@ -171,11 +189,11 @@ class _RoundNorm:
             self.clipping_norm = nxt
 
 
-class _ServerAdaptive(_RoundNorm, DifferentialPrivacyServerSideAdaptiveClipping):
+class _ServerAdaptive(_Adaptive, DifferentialPrivacyServerSideAdaptiveClipping):
     pass
 
 
-class _ClientAdaptive(_RoundNorm, DifferentialPrivacyClientSideAdaptiveClipping):
+class _ClientAdaptive(_Adaptive, DifferentialPrivacyClientSideAdaptiveClipping):
     pass
 
 
@@ -187,7 +205,7 @@ def flower_wrapper(cfg: Config, inner: Strategy, noise_multiplier: float) -> Str
         return cls(inner, noise_multiplier, u.clipping_norm, m)
     cls = _ServerAdaptive if u.side == "server" else _ClientAdaptive
     return cls(inner, noise_multiplier, m, initial_clipping_norm=u.clipping_norm,
-               target_clipped_quantile=u.target_clipped_quantile, clip_norm_lr=u.clip_norm_lr,
+               target_clipped_quantile=u.target_quantile, clip_norm_lr=u.clip_norm_lr,
                clipped_count_stddev=u.clipped_count_stddev)
 
 
