@@ -1,7 +1,7 @@
 """Accuracy vs ε on a recipe (default: the default task): a no-DP reference, sample-level DP-SGD at several
-target ε, and user-level DP at several noise multipliers. Prints a markdown table; heavy (one full run per point).
+target ε, and user-level DP at several target ε. Prints a markdown table; heavy (one full run per point).
 
-    python benchmarks/dp_sweep.py --rounds 12 --targets 1,4,8 --user-noise 0.7,1.0 --out dp_sweep.json
+    python benchmarks/dp_sweep.py --targets 1,4,8 --user-targets 8 --out dp_sweep.json
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def points(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     """(level, setting, overrides) of every run of the sweep."""
     out = [("none", "no DP", [])]
     out += [("sample", f"target ε = {t:g}", ["dp.enabled=true", f"dp.target_epsilon={t}"]) for t in args.targets]
-    out += [("user", f"σ = {s:g}, C = {args.user_clip:g}",
-             ["dp.user.enabled=true", f"dp.user.noise_multiplier={s}", f"dp.user.clipping_norm={args.user_clip}"])
-            for s in args.user_noise]
+    out += [("user", f"target ε = {t:g}, C = {args.user_clip:g}",
+             ["dp.user.enabled=true", f"dp.user.target_epsilon={t}", f"dp.user.clipping_norm={args.user_clip}"])
+            for t in args.user_targets]
     return out
 
 
@@ -41,7 +41,8 @@ def run_point(recipe: Path, overrides: list[str], out_dir: str) -> dict:
 def row(level: str, setting: str, s: dict) -> dict:
     """The figures of one run that go in the table."""
     eps = s.get("epsilon_max") if level == "sample" else s.get("user_epsilon") if level == "user" else None
-    return {"level": level, "setting": setting, "epsilon": eps, "epsilon_median": s.get("epsilon_median"),
+    nm = s.get("user_noise_multiplier") if level == "user" else None
+    return {"level": level, "setting": setting, "epsilon": eps, "user_noise_multiplier": nm, "epsilon_median": s.get("epsilon_median"),
             "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"], "wall_s": s["wall_s"],
             "run_dir": s["run_dir"]}
 
@@ -63,8 +64,8 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, default=ROOT / "simulations" / "default.toml")
     ap.add_argument("--rounds", type=int, default=0, help="override sim.rounds (0 = the recipe's)")
     ap.add_argument("--targets", type=_floats, default=[1.0, 4.0, 8.0], help="sample-level target ε values")
-    ap.add_argument("--user-noise", type=_floats, default=[0.7, 1.0], help="user-level noise multipliers")
-    ap.add_argument("--user-clip", type=float, default=0.5, help="user-level clipping norm")
+    ap.add_argument("--user-targets", type=_floats, default=[8.0], help="user-level target ε values")
+    ap.add_argument("--user-clip", type=float, default=1.0, help="user-level clipping norm")
     ap.add_argument("--set", action="append", default=[], help="extra override for every run, key=value")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--runs-dir", default="", help="where run directories go (default: a temp dir)")
