@@ -27,8 +27,9 @@ SMOKE = ROOT / "simulations" / "smoke.toml"
 NODES = {101: 0, 102: 1, 103: 2, 104: 3}
 
 
-def _cfg(**user) -> object:
+def _cfg(codecs: dict | None = None, **user) -> object:
     return validate({
+        "codecs": codecs or {},
         "model": {"source": "tiny", "tiny": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
                                              "intermediate_size": 8}},
         "adapter": {"type": "lora", "r": 2, "target_modules": ["query"]},
@@ -134,6 +135,28 @@ def test_adaptive_clipping_moves_the_bound_towards_the_target_quantile(scale, gr
         ups = [_update(arrays, scale, rnd + i) for i in range(2)]
         arrays, _ = s.aggregate_train(rnd, _replies(msgs, ups, [5, 5]))
         assert (s.privacy()["user_clipping_norm"] > before) == grows
+
+
+def test_server_side_clipping_applies_to_decoded_codec_uploads():
+    from fedpeft.codecs.endpoints import CODEC_RECORD, Codecs, numpy_state
+
+    bound = 0.05
+    cfg = _cfg(codecs={"up": ["delta", "topk:0.5"], "error_feedback": False}, noise_multiplier=1e-6,
+               clipping_norm=bound)
+    s, codecs = _strategy(cfg), Codecs(cfg.codecs, cfg.sim.seed)
+    arrays = s.initial_arrays()
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), _Grid()))
+    replies = []
+    for i, msg in enumerate(msgs):  # each client sends the top half of a large update, delta-coded
+        ref = numpy_state(msg.content["arrays"])
+        local = {k: v + u for (k, v), u in zip(ref.items(), _update(arrays, 1.0, i).values())}
+        coded = codecs.encode_upload(local, ref, s.directory.client_of(msg.metadata.dst_node_id), 1, None)
+        replies.append(Message(RecordDict({CODEC_RECORD: coded, "metrics": MetricRecord({"num-examples": 5})}),
+                               reply_to=msg))
+    new, _ = s.aggregate_train(1, replies)
+    assert s.pop_rejections() == []
+    step = {k: new[k].numpy() - arrays[k].numpy() for k in arrays}
+    assert 0.5 * bound < _norm(step) <= bound * (1 + 1e-3)
 
 
 # ----- invalid combinations ---------------------------------------------------------------------
