@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from fedpeft.config import load
+from fedpeft.env import quiet_libraries, set_offline_env
 from fedpeft.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     """Run the sweep and print the table."""
+    set_offline_env()
+    quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", type=Path, default=ROOT / "simulations" / "default.toml")
     ap.add_argument("--rounds", type=int, default=0, help="override sim.rounds (0 = the recipe's)")
