@@ -8,11 +8,12 @@ from flwr.clientapp import ClientApp
 from clients.codec import coded_train
 from clients.registry import get_trainer_class
 from clients.runtime import client_id, runtime
+from clients.user_dp import user_dp_mod
 from fedpeft.env import quiet_libraries
 from fedpeft.nodes import CLIENT_ID_KEY
 from strategies import get_strategy_class
 
-app = ClientApp()
+app = ClientApp(mods=[user_dp_mod])
 _trainers: dict[int, object] = {}
 
 

@@ -87,6 +87,11 @@ def _print_summary(s: dict) -> None:
                   f"({s['full_model_fedavg_bytes'] / max(s['bytes_total'], 1):.0f}x more)")
     table.add_row("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}")
     table.add_row("rejected replies", str(s["rejected"]))
+    if "epsilon_max" in s:
+        table.add_row("sample-level ε (max / median)", f"{s['epsilon_max']:.3f} / {s['epsilon_median']:.3f}")
+    if "user_epsilon" in s:
+        table.add_row("user-level ε", f"{s['user_epsilon']:.3f} at δ = {s['user_delta']:.3g} "
+                      f"({s['user_releases']} rounds, q = {s['user_sample_rate']:.3g})")
     table.add_row("wall time", f"{s['wall_s']:.1f} s")
     table.add_row("run directory", s["run_dir"])
     Console().print(table)

@@ -146,8 +146,35 @@ class SimConfig(_Section):
         return self
 
 
+class UserDPConfig(_Section):
+    """User-level DP through Flower's DP strategy wrappers: each client's whole update is clipped, the mean noised."""
+
+    enabled: bool = False
+    side: Literal["server", "client"] = Field("server", description="who clips each update (client: Flower's mod)")
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    noise_multiplier: float | None = Field(None, gt=0.0, description="set this or target_epsilon")
+    target_epsilon: float | None = Field(None, gt=0.0, description="noise solved for sim.rounds releases")
+    delta: float | None = Field(None, gt=0.0, lt=1.0, description="default 1/(10 sim.num_clients)")
+    clipping_norm: float = Field(0.1, gt=0.0, description="bound on each update's L2 norm (adaptive: initial bound)")
+    target_quantile: float = Field(
+        0.5, ge=0.0, le=1.0, description="adaptive: quantile of update norms the bound tracks (fraction left unclipped)"
+    )
+    clip_norm_lr: float = Field(0.2, gt=0.0, description="adaptive: learning rate of the bound")
+    clipped_count_stddev: float | None = Field(None, gt=0.0, description="adaptive: default clients_per_round/20")
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> "UserDPConfig":
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "exactly one of dp.user.noise_multiplier and dp.user.target_epsilon must be set "
+                "when dp.user.enabled = true"
+            )
+        return self
+
+
 class DPConfig(_Section):
-    """Sample-level DP-SGD (Opacus) on each client's adapter parameters."""
+    """Sample-level DP-SGD (Opacus) on each client's adapter parameters; `[dp.user]`: user-level DP."""
 
     enabled: bool = False
     noise_multiplier: float | None = Field(None, gt=0.0, description="set this or target_epsilon")
@@ -158,6 +185,7 @@ class DPConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping bound")
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    user: UserDPConfig = UserDPConfig()
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "DPConfig":
@@ -280,6 +308,9 @@ def _check_plugins(cfg: Config) -> None:
     get_strategy_class(cfg.method.name).validate_config(cfg)
     build_peft_config(cfg.adapter)
     _check_dp_method(cfg)
+    from fedpeft.userdp import check_config as _check_user_dp
+
+    _check_user_dp(cfg)
     _check_codecs_method(cfg)
 
 

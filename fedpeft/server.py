@@ -21,6 +21,7 @@ from fedpeft.ledger import CommLedger, LedgerGrid, message_bytes
 from fedpeft.models import build_model, device_for
 from fedpeft.nodes import NodeDirectory, discover
 from fedpeft.privacy import PrivacyLedger, epsilon_stats
+from fedpeft.userdp import with_user_dp
 from fedpeft.runconfig import RUN_DIR_KEY, config_from, shared_dir, task_from
 from fedpeft.rundir import RunDir
 from strategies import get_strategy_class
@@ -69,7 +70,7 @@ def run_server(
         holder["dir"] = directory = discover(lgrid, timeout=cfg.sim.round_timeout_s)
     workdir = shared_dir(rc, context.run_id)
     workdir.mkdir(parents=True, exist_ok=True)
-    strategy = get_strategy_class(cfg.method.name)(cfg, directory, model, workdir)
+    strategy = with_user_dp(get_strategy_class(cfg.method.name)(cfg, directory, model, workdir), cfg)
     strategy.summary()
     arrays = strategy.initial_arrays()
 
@@ -95,6 +96,9 @@ def run_server(
         rejected = strategy.pop_rejections()
         row = {"round": rnd, **eval_now(), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected)}
         row.update(epsilon_stats(privacy.record(rnd, strategy.pop_client_metrics())))
+        if cfg.dp.user.enabled:
+            row.update(strategy.privacy())
+            privacy.record_user(rnd, row)
         if train_metrics is not None and "train-loss" in train_metrics:
             row["train_loss"] = float(train_metrics["train-loss"])
         row.update(strategy.round_metrics(rnd, ledger))
@@ -116,6 +120,8 @@ def run_server(
     summary = _summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
     summary.update(privacy.summary())
     summary.update(strategy.run_metrics(ledger, rows))
+    if cfg.dp.user.enabled:
+        summary.update(strategy.privacy())
     rundir.write_summary(summary)
     return summary
 

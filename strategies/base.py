@@ -132,7 +132,8 @@ class AdapterStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send the global adapter and the round number to this round's sampled clients."""
         nodes = self.sample(server_round, grid)
-        config = ConfigRecord({"server-round": server_round})
+        # Keys a wrapper added (e.g. Flower's DP wrappers: the clipping norm) travel along.
+        config = ConfigRecord({**dict(config or {}), "server-round": server_round})
         if self.codecs is not None and self.codecs.down is not None:
             coded, dense = self.codecs.encode_download(arrays, server_round)
             self.sent = dict.fromkeys(nodes, dense)

@@ -1,0 +1,221 @@
+"""User-level DP: Flower's DP wrappers around fedpeft strategies clip each update, ε equals Opacus's accountant."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import PRVAccountant, RDPAccountant
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from fedpeft.adapters import adapter_state
+from fedpeft.config import ConfigError, load, validate
+from fedpeft.models import build_model
+from fedpeft.nodes import NodeDirectory
+from fedpeft.userdp import UserDPStrategy, with_user_dp
+from strategies import get_strategy_class
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "simulations" / "smoke.toml"
+NODES = {101: 0, 102: 1, 103: 2, 104: 3}
+
+
+def _cfg(codecs: dict | None = None, **user) -> object:
+    return validate({
+        "codecs": codecs or {},
+        "model": {"source": "tiny", "tiny": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                                             "intermediate_size": 8}},
+        "adapter": {"type": "lora", "r": 2, "target_modules": ["query"]},
+        "sim": {"num_clients": 4, "clients_per_round": 2, "rounds": 3},
+        "dp": {"user": {"enabled": True, **user}},
+    })
+
+
+class _Grid:
+    """The one thing a strategy asks the grid for when it samples: which nodes are online."""
+
+    def get_node_ids(self) -> list[int]:
+        return list(NODES)
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
+
+
+def _strategy(cfg) -> UserDPStrategy:
+    model = build_model(cfg, num_labels=2)
+    return with_user_dp(get_strategy_class(cfg.method.name)(cfg, NodeDirectory(NODES), model), cfg)
+
+
+def _replies(msgs: list[Message], updates: list[dict[str, np.ndarray]], examples: list[int]) -> list[Message]:
+    """Each sampled client's reply: the global it was sent plus its update (as the ClientApp builds it)."""
+    out = []
+    for msg, upd, n in zip(msgs, updates, examples):
+        sent = msg.content["arrays"]
+        arrays = ArrayRecord({k: torch.from_numpy(sent[k].numpy() + upd[k]) for k in sent})
+        out.append(Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})}), reply_to=msg))
+    return out
+
+
+def _update(template: ArrayRecord, scale: float, seed: int) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    return {k: (scale * g.standard_normal(template[k].shape)).astype(np.float32) for k in template}
+
+
+def _norm(update: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in update.values())))
+
+
+# ----- accounting ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mechanism,cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
+def test_user_epsilon_equals_opacus_accountant_for_client_rate_and_rounds(mechanism, cls):
+    cfg = _cfg(noise_multiplier=1.3, accountant=mechanism)
+    s = _strategy(cfg)
+    arrays, acc = s.initial_arrays(), cls()
+    for rnd in range(1, 4):
+        msgs = list(s.configure_train(rnd, arrays, ConfigRecord(), _Grid()))
+        assert len(msgs) == 2
+        arrays, _ = s.aggregate_train(rnd, _replies(msgs, [_update(arrays, 0.1, rnd + i) for i in range(2)], [5, 5]))
+        acc.step(noise_multiplier=1.3, sample_rate=2 / 4)  # one noised release per round at q = 2 of 4 clients
+        p = s.privacy()
+        assert p["user_releases"] == rnd and p["user_sample_rate"] == 0.5 and p["user_delta"] == 1 / 40
+        assert p["user_epsilon"] == pytest.approx(acc.get_epsilon(delta=1 / 40), rel=1e-9)
+
+
+def test_target_epsilon_is_met_after_the_configured_rounds():
+    cfg = _cfg(target_epsilon=3.0)
+    nm = _strategy(cfg).plan.noise_multiplier
+    acc = RDPAccountant()
+    acc.history = [(nm, 0.5, 3)]
+    assert 2.9 <= acc.get_epsilon(delta=1 / 40) <= 3.0
+
+
+def test_a_round_without_valid_replies_spends_nothing():
+    s = _strategy(_cfg(noise_multiplier=1.0))
+    arrays = s.initial_arrays()
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), _Grid()))
+    bad = _replies(msgs, [{k: np.full(arrays[k].shape, np.nan, np.float32) for k in arrays}] * 2, [5, 5])
+    assert s.aggregate_train(1, bad) == (None, None)
+    assert s.privacy()["user_releases"] == 0 and s.privacy()["user_epsilon"] == 0.0
+    assert len(s.pop_rejections()) == 2
+
+
+# ----- clipping ----------------------------------------------------------------------------------
+def test_server_side_clipping_bounds_each_update_and_averages_uniformly():
+    bound = 0.05
+    s = _strategy(_cfg(noise_multiplier=1e-6, clipping_norm=bound))  # noise std 2.5e-8: the clipping shows
+    arrays = s.initial_arrays()
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), _Grid()))
+    updates = [_update(arrays, 1.0, 1), _update(arrays, 1e-4, 2)]  # one far above the bound, one below
+    assert _norm(updates[0]) > 10 * bound > _norm(updates[1])
+    new, _ = s.aggregate_train(1, _replies(msgs, updates, [1000, 10]))
+    clipped = [{k: v * min(1.0, bound / _norm(u)) for k, v in u.items()} for u in updates]
+    for k in arrays:  # the uniform mean of the clipped updates, not the example-weighted one
+        expected = arrays[k].numpy() + (clipped[0][k] + clipped[1][k]) / 2
+        np.testing.assert_allclose(new[k].numpy(), expected, atol=1e-6)
+    step = {k: new[k].numpy() - arrays[k].numpy() for k in arrays}
+    assert _norm(step) <= bound * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("scale,grows", [(1.0, True), (1e-5, False)], ids=["all-clipped", "none-clipped"])
+def test_adaptive_clipping_moves_the_bound_towards_the_target_quantile(scale, grows):
+    s = _strategy(_cfg(noise_multiplier=0.5, clipping="adaptive", clipping_norm=0.01, clipped_count_stddev=0.3))
+    arrays = s.initial_arrays()
+    for rnd in range(1, 4):  # every update far above (below) the bound: the bound grows (shrinks) each round
+        msgs = list(s.configure_train(rnd, arrays, ConfigRecord(), _Grid()))
+        before = s.privacy()["user_clipping_norm"]
+        ups = [_update(arrays, scale, rnd + i) for i in range(2)]
+        arrays, _ = s.aggregate_train(rnd, _replies(msgs, ups, [5, 5]))
+        assert (s.privacy()["user_clipping_norm"] > before) == grows
+
+
+def test_server_side_clipping_applies_to_decoded_codec_uploads():
+    from fedpeft.codecs.endpoints import CODEC_RECORD, Codecs, numpy_state
+
+    bound = 0.05
+    cfg = _cfg(codecs={"up": ["delta", "topk:0.5"], "error_feedback": False}, noise_multiplier=1e-6,
+               clipping_norm=bound)
+    s, codecs = _strategy(cfg), Codecs(cfg.codecs, cfg.sim.seed)
+    arrays = s.initial_arrays()
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), _Grid()))
+    replies = []
+    for i, msg in enumerate(msgs):  # each client sends the top half of a large update, delta-coded
+        ref = numpy_state(msg.content["arrays"])
+        local = {k: v + u for (k, v), u in zip(ref.items(), _update(arrays, 1.0, i).values())}
+        coded = codecs.encode_upload(local, ref, s.directory.client_of(msg.metadata.dst_node_id), 1, None)
+        replies.append(Message(RecordDict({CODEC_RECORD: coded, "metrics": MetricRecord({"num-examples": 5})}),
+                               reply_to=msg))
+    new, _ = s.aggregate_train(1, replies)
+    assert s.pop_rejections() == []
+    step = {k: new[k].numpy() - arrays[k].numpy() for k in arrays}
+    assert 0.5 * bound < _norm(step) <= bound * (1 + 1e-3)
+
+
+# ----- invalid combinations ---------------------------------------------------------------------
+BAD = {
+    "zeroth-order method": (['method.name="fedkseed"'], r"dp\.user\.enabled = true needs a method .*fedkseed"),
+    "exact LoRA aggregation": (['method.lora_aggregation="exact"'], r"lora_aggregation = 'exact'"),
+    "peft merge": (['codecs.merge="ties"'], r"codecs\.merge = 'mean' \(got 'ties'\)"),
+    "client side with codecs": (['dp.user.side="client"', 'codecs.up=["delta","int8"]'], r"side = 'client'.*codecs"),
+    "delta >= 1/num_clients": (["dp.user.delta=0.1"], r"dp\.user\.delta = 0\.1 is >= 1/sim\.num_clients"),
+    "both noise sources": (["dp.user.target_epsilon=2.0"], r"exactly one of dp\.user\.noise_multiplier"),
+    "adaptive noise too large for count noise": (['dp.user.clipping="adaptive"', "dp.user.noise_multiplier=5.0"],
+                                                 r"adaptive clipping cannot reach noise multiplier 5"),
+    "unknown clipping": (['dp.user.clipping="median"'], r"dp\.user\.clipping"),
+    "unknown key": (["dp.user.clip=1.0"], r"unknown key 'dp\.user\.clip' \(allowed here: .*clipping_norm"),
+    "negative clipping norm": (["dp.user.clipping_norm=-1"], r"dp\.user\.clipping_norm"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_invalid_user_dp_settings_are_rejected(name):
+    extra, pattern = BAD[name]
+    with pytest.raises(ConfigError, match=pattern):
+        load(SMOKE, ["dp.user.enabled=true", "dp.user.noise_multiplier=1.0", *extra])
+
+
+def test_user_dp_with_update_codecs_on_the_server_side_is_accepted():
+    cfg = load(SMOKE, ["dp.user.enabled=true", "dp.user.noise_multiplier=1.0", 'codecs.up=["delta","topk:0.1"]'])
+    assert cfg.dp.user.side == "server"
+
+
+# ----- end to end -------------------------------------------------------------------------------
+def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_client_side_user_dp_run_clips_every_round_and_exports_a_loadable_adapter(tmp_path):
+    from fedpeft.data import open_prepared
+    from fedpeft.evaluation import evaluate
+    from fedpeft.models import load_base_model
+    from fedpeft.simulation import simulate
+
+    bound = 0.01
+    cfg = load(SMOKE, ["dp.user.enabled=true", 'dp.user.side="client"', "dp.user.noise_multiplier=1e-6",
+                       f"dp.user.clipping_norm={bound}", f'output.dir="{tmp_path}"'])
+    summary = simulate(cfg)
+    rd = Path(summary["run_dir"])
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["user_releases"] for r in rows[1:]] == [1, 2, 3] and sum(r["rejected"] for r in rows) == 0
+    acc = RDPAccountant()
+    acc.history = [(1e-6, 0.5, 3)]
+    assert summary["user_epsilon"] == pytest.approx(acc.get_epsilon(delta=1 / 100), rel=1e-9)
+    with (rd / "privacy.csv").open() as f:
+        ledger = list(csv.DictReader(f))
+    assert [(r["round"], r["client_id"], r["level"]) for r in ledger] == [(str(i), "-1", "user") for i in (1, 2, 3)]
+    # Each round's global step is the mean of updates the clients' Flower mod clipped to the bound.
+    states = [_adapter_tensors(rd / "checkpoints" / f"round-{i:04d}") for i in (1, 2)] + [_adapter_tensors(rd / "adapter")]
+    for a, b in zip(states, states[1:]):
+        step = float(torch.sqrt(sum(((b[k] - a[k]).double() ** 2).sum() for k in a)))
+        assert 0 < step <= bound * (1 + 1e-3)
+    t = open_prepared(str(rd / "data"))
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg, t.num_labels), str(rd / "adapter"))
+    assert evaluate(reloaded, t.test, cfg.sim.eval_batch_size, t.pad_token_id)["accuracy"] == summary["final_accuracy"]
