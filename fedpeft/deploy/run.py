@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -78,10 +79,13 @@ def deploy_recipe(recipe: Path, overrides: list[str], base: Path, nodes: int | N
             if wire_relay is not None:
                 wire_relay.stop()
             dep.stop()
+        wire = wire_relay.report() if wire_relay else {}
+        if wire:
+            (base / "wire.json").write_text(json.dumps(wire, indent=1))
         return DeployResult(
             run_dir=new[-1] if new else None, returncode=r.returncode, node_exit=node_exit, refused=refused,
             online=online, pids=sorted(dep.procs.seen_pids), alive_after=dep.procs.alive(), log_dir=base / "logs",
-            output=r.stdout + r.stderr, wire=wire_relay.report() if wire_relay else {},
+            output=r.stdout + r.stderr, wire=wire,
         )
 
 
