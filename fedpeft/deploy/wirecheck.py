@@ -100,6 +100,7 @@ class TlsStream:
     def __init__(self) -> None:
         self.buf = bytearray()
         self.records = 0
+        self.app_records = 0
         self.handshake_bytes = 0  # everything that is not application data (type 23), headers included
         self.app_record_bytes = 0  # application-data records, headers included
         self.broken = False
@@ -118,6 +119,7 @@ class TlsStream:
                 return
             self.records += 1
             if ctype == 23:
+                self.app_records += 1
                 self.app_record_bytes += TLS_HEADER + length
             else:
                 self.handshake_bytes += TLS_HEADER + length
@@ -223,6 +225,7 @@ class CountingRelay:
                 if not tls.broken:
                     t = self.counts.tls[direction]
                     t["records"] += tls.records
+                    t["app_records"] += tls.app_records
                     t["handshake_bytes"] += tls.handshake_bytes
                     t["app_record_bytes"] += tls.app_record_bytes
             try:
@@ -263,3 +266,58 @@ class CountingRelay:
                 "calls": {k: dict(v) for k, v in sorted(c.calls.items())},
                 "tls": {d: dict(v) for d, v in c.tls.items()},
             }
+
+
+def ledger_totals(run_dir) -> dict[str, int]:
+    """Bytes per direction in a run's `comm.csv` (every round, round 0's node queries included)."""
+    import csv
+    from pathlib import Path
+
+    out = {UP: 0, DOWN: 0}
+    with (Path(run_dir) / "comm.csv").open() as f:
+        for row in csv.DictReader(f):
+            out[row["direction"]] += int(row["bytes"])
+    return out
+
+
+def compare_with_ledger(wire: dict, run_dir) -> dict[str, object]:
+    """Ledger bytes vs relay-counted bytes, with the protocol overhead split out (figures for a report)."""
+    ledger = ledger_totals(run_dir)
+    out: dict[str, object] = {}
+    calls = wire.get("calls", {})
+    tcp_total = wire["tcp"][UP] + wire["tcp"][DOWN]
+    for d in (DOWN, UP):
+        led, obj = ledger[d], wire["objects"][d]
+        out[f"ledger {d} B"] = led
+        out[f"wire message objects {d} B"] = obj
+        out[f"payload difference {d}"] = f"{100.0 * (obj - led) / led:+.3f} %" if led else "n/a"
+    if calls:
+        objects = wire["objects"][UP] + wire["objects"][DOWN]
+        wrap = calls.get("push-object", {}).get("up_body", 0) + calls.get("pull-object", {}).get("down_body", 0) - objects
+        heads = sum(c.get("up_head", 0) + c.get("down_head", 0) for c in calls.values())
+        transfer = sum(c.get(f"{d}_head", 0) + c.get(f"{d}_body", 0) for name in ("push-object", "pull-object")
+                       for c in [calls.get(name, {})] for d in (UP, DOWN))
+        other = sum(c.get("up_body", 0) + c.get("down_body", 0) for n, c in calls.items()
+                    if n not in ("push-object", "pull-object"))
+        fab = calls.get("get-fab", {}).get("down_body", 0)
+        out["TCP bytes, both directions"] = tcp_total
+        out["HTTP requests"] = sum(c.get("calls", 0) for c in calls.values())
+        out["protobuf wrapping of objects B"] = wrap
+        out["HTTP headers B"] = heads
+        out["object push/pull calls (headers + bodies) B"] = transfer
+        out["other Fleet calls (bodies) B"] = other
+        out["of which app download (get-fab) B"] = fab
+        out["overhead of object transfer vs payload"] = f"{100.0 * (transfer - objects) / max(objects, 1):.1f} %"
+    tls = wire.get("tls", {})
+    if any(tls.get(d) for d in (UP, DOWN)):
+        recs = sum(tls[d].get("records", 0) for d in (UP, DOWN))
+        app = sum(tls[d].get("app_records", 0) for d in (UP, DOWN))
+        clear = sum(tls[d].get("handshake_bytes", 0) for d in (UP, DOWN))
+        framing = app * (TLS_HEADER + TLS13_RECORD_EXTRA)
+        out["TCP bytes, both directions"] = tcp_total
+        out["TLS connections"] = wire.get("connections", 0)
+        out["TLS records (application-data records)"] = f"{recs} ({app})"
+        out["TLS unencrypted handshake records B"] = clear
+        out["TLS record framing (5 B header + 17 B tag/type per application record) B"] = framing
+        out["TLS overhead B (handshake in clear + framing)"] = clear + framing
+    return out
