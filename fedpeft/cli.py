@@ -236,6 +236,35 @@ def deploy(
         raise typer.Exit(1)
 
 
+@app.command("deploy-tls")
+def deploy_tls(
+    out: Annotated[Path, typer.Argument(help="folder for ca.crt, server.pem, server.key")],
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="name or IP the SuperLink is reached at "
+                                                      "(repeatable; default: localhost and 127.0.0.1)")] = None,
+    days: Annotated[int, typer.Option("--days", help="validity in days")] = 7,
+) -> None:
+    """Make a throw-away CA and SuperLink certificate for trying TLS (not for production)."""
+    from fedpeft.deploy.certs import make_tls_files
+
+    files = make_tls_files(out, tuple(host) if host else ("localhost", "127.0.0.1"), days)
+    console.print(f"CA certificate (give to every SuperNode and to flwr): {files.ca_cert}\n"
+                  f"SuperLink certificate and key: {files.server_cert}, {files.server_key}")
+
+
+@app.command("deploy-key")
+def deploy_key(
+    path: Annotated[Path, typer.Argument(help="private key path; the public key goes to PATH.pub")],
+) -> None:
+    """Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH format, like ssh-keygen -t ecdsa -b 384)."""
+    from fedpeft.deploy.keys import make_node_keys
+
+    if path.exists():
+        _report_error(f"{path} exists; not overwriting a key")
+    keys = make_node_keys(path)
+    console.print(f"private key (start the SuperNode with --auth-supernode-private-key): {keys.private}\n"
+                  f"public key (register it: flwr supernode register {keys.public} CONNECTION): {keys.public}")
+
+
 @app.command()
 def info() -> None:
     """Print versions and whether the embedded model is available."""
