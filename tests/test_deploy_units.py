@@ -112,3 +112,24 @@ def test_process_group_stops_processes_and_their_children_by_pid(tmp_path):
     group.stop(grace=5)
     assert group.alive() == [] and s.proc.returncode is not None
     assert not any(pid_alive(p, t) for p, t in pids.items())
+
+
+def test_client_runtime_trains_on_the_node_config_data_file(tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from clients.runtime import client_id, runtime
+    from fedpeft.data.nodefile import NodeTask
+
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+    cfg = load(SMOKE, SMALL)
+    shard = tmp_path / "mine.jsonl"
+    shard.write_text("".join(json.dumps({"text": f"the soup was {w}.", "label": lab}) + "\n"
+                             for w, lab in [("good", "restaurant-positive"), ("bad", "restaurant-negative")] * 3))
+    run_config = {"recipe": str(SMOKE), "overrides": " ".join(SMALL)}
+    ctx = Context(run_id=7, node_id=1, node_config={"client-id": 2, "data-file": str(shard)}, state=RecordDict(),
+                  run_config=run_config)
+    rt = runtime(ctx)
+    assert client_id(ctx) == 2 and isinstance(rt.task, NodeTask)
+    assert rt.task.client_dataset(2)["label"] == [0, 1] * 3 and rt.cfg.sim.num_clients == cfg.sim.num_clients
+    sim_ctx = Context(run_id=7, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config=run_config)
+    assert len(runtime(sim_ctx).task.client_dataset(2)) != 6  # without data-file: the simulation partition

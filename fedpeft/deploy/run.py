@@ -50,6 +50,8 @@ def deploy_recipe(recipe: Path, overrides: list[str], base: Path, nodes: int | N
     n = cfg.sim.num_clients if nodes is None else nodes
     if not 1 <= n <= cfg.sim.num_clients:
         raise DeployError(f"--nodes must be 1..sim.num_clients ({cfg.sim.num_clients}), got {n}")
+    if unregistered and not auth:
+        raise DeployError("unregistered nodes only make sense with SuperNode authentication on")
     shards = write_shards(cfg, base / "shards")
     app = app_dir()
     wire_relay = None
