@@ -79,7 +79,7 @@ def test_every_started_process_is_stopped(secure_run):
     # SuperLink + 4 SuperNodes, plus the SuperExec processes Flower started under them.
     assert len(res.pids) >= 5
     assert res.alive_after == []
-    assert not any(pid_alive(p) for p in res.pids)
+    assert not any(pid_alive(p, started) for p, started in res.pids.items())
 
 
 def test_deployed_run_matches_the_simulation(secure_run, tmp_path):

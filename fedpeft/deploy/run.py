@@ -23,7 +23,7 @@ class DeployResult:
     node_exit: dict[str, int | None]  # SuperNode name -> exit code (None: was still running at the end)
     refused: list[str]  # unregistered nodes that the SuperLink refused (they exited on their own)
     online: int  # nodes online when the run was submitted
-    pids: list[int]  # every PID started or seen as a child
+    pids: dict[int, int | None]  # every PID started or seen as a child -> its start time
     alive_after: list[int]  # of those, alive after stop (should be empty)
     log_dir: Path
     output: str  # `flwr run` output
@@ -86,7 +86,7 @@ def deploy_recipe(recipe: Path, overrides: list[str], base: Path, nodes: int | N
             (base / "wire.json").write_text(json.dumps(wire, indent=1))
         return DeployResult(
             run_dir=new[-1] if new else None, returncode=r.returncode, node_exit=node_exit, refused=refused,
-            online=online, pids=sorted(dep.procs.seen_pids), alive_after=dep.procs.alive(), log_dir=base / "logs",
+            online=online, pids=dict(dep.procs.seen_pids), alive_after=dep.procs.alive(), log_dir=base / "logs",
             output=r.stdout + r.stderr, wire=wire,
         )
 
