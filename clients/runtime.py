@@ -10,6 +10,7 @@ from flwr.app import Context
 
 from fedpeft.config import Config
 from fedpeft.data import PreparedTask
+from fedpeft.data.nodefile import DATA_FILE_KEY, node_task
 from fedpeft.models import cached_model
 from fedpeft.runconfig import (
     CONFIG_KEY, OVERRIDES_KEY, RECIPE_KEY, RUN_DIR_KEY, TASK_KEY, config_from, shared_dir, task_from,
@@ -30,17 +31,23 @@ class ClientRuntime:
 
 
 @lru_cache(maxsize=2)
-def _runtime(items: tuple[tuple[str, str], ...], run_id: int) -> ClientRuntime:
+def _runtime(items: tuple[tuple[str, str], ...], run_id: int, data_file: str = "", cid: int = -1) -> ClientRuntime:
     rc = dict(items)
     cfg = config_from(rc)
     task = task_from(rc, cfg)
+    if data_file:  # a deployed node trains on its own file, not on a simulation partition
+        task = node_task(task, cfg, data_file, cid)
     return ClientRuntime(cfg, task, cached_model(cfg, task.num_labels), str(shared_dir(rc, run_id)))
 
 
 def runtime(context: Context) -> ClientRuntime:
     """The runtime for this run, built on first use in this process and reused afterwards."""
     keys = (CONFIG_KEY, TASK_KEY, RECIPE_KEY, OVERRIDES_KEY, RUN_DIR_KEY)
-    return _runtime(tuple((k, str(context.run_config[k])) for k in keys if k in context.run_config), context.run_id)
+    items = tuple((k, str(context.run_config[k])) for k in keys if k in context.run_config)
+    data_file = str(context.node_config.get(DATA_FILE_KEY, "") or "")
+    if data_file:
+        return _runtime(items, context.run_id, data_file, client_id(context))
+    return _runtime(items, context.run_id)
 
 
 def client_id(context: Context) -> int:
@@ -48,4 +55,6 @@ def client_id(context: Context) -> int:
     nc = context.node_config
     if "client-id" in nc:
         return int(nc["client-id"])
+    if "partition-id" not in nc:
+        raise ValueError("the node config has no 'client-id' (start the SuperNode with --node-config \"client-id=N\")")
     return int(nc["partition-id"])

@@ -1,4 +1,4 @@
-"""The `fedpeft` command line: simulate, report, compare, info."""
+"""The `fedpeft` command line: simulate, report, compare, deploy, info."""
 
 from __future__ import annotations
 
@@ -188,6 +188,86 @@ def compare(
     except ReportError as err:
         _report_error(err)
     _print_report_files(files)
+
+
+@app.command()
+def deploy(
+    recipe: Annotated[Path, typer.Argument(help="TOML recipe; each of its clients becomes a SuperNode")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set sim.rounds=2")] = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", help="SuperNodes to start (default: sim.num_clients)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--dir", help="deployment folder: certificates, keys, shards, "
+                                                "logs, FLWR_HOME, runs/ (default: runs/deploy-<timestamp>)")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="no TLS (and so no SuperNode authentication)")] = False,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="TLS without SuperNode authentication")] = False,
+    unregistered: Annotated[int, typer.Option("--unregistered", help="also start this many SuperNodes whose keys "
+                                              "are not registered (they must be refused)")] = 0,
+    wire_check: Annotated[bool, typer.Option("--wire-check", help="route SuperNodes through a counting relay and "
+                                             "compare its byte counts with the ledger")] = False,
+    node_wait: Annotated[float, typer.Option("--node-wait", help="seconds the server waits for the nodes")] = 60.0,
+) -> None:
+    """Run a recipe on a real SuperLink and SuperNodes on this machine (TLS and SuperNode auth on), then stop them all."""
+    set_offline_env()
+    from fedpeft.config import ConfigError
+    from fedpeft.data import DataError
+    from fedpeft.deploy.local import DeployError
+    from fedpeft.deploy.run import deploy_recipe
+    from fedpeft.deploy.wirecheck import compare_with_ledger
+
+    base = out or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"[bold]fedpeft deploy[/bold] {recipe} in {base}: TLS {'off' if insecure else 'on'}, "
+                  f"SuperNode auth {'off' if insecure or no_auth else 'on'}")
+    try:
+        res = deploy_recipe(recipe, set_ or [], base, nodes=nodes, tls=not insecure, auth=not (insecure or no_auth),
+                            unregistered=unregistered, relay=wire_check, node_wait_s=node_wait)
+    except (ConfigError, DataError, DeployError) as err:
+        _report_error(err)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: every started process was stopped")
+        raise typer.Exit(130) from None
+    table = Table(title="fedpeft deployment", show_header=False)
+    table.add_row("flwr run exit code", str(res.returncode))
+    table.add_row("nodes online at submit", str(res.online))
+    if res.refused:
+        table.add_row("refused (unregistered)", ", ".join(res.refused))
+    table.add_row("processes started / left running", f"{len(res.pids)} / {len(res.alive_after)}")
+    table.add_row("run directory", str(res.run_dir))
+    table.add_row("logs", str(res.log_dir))
+    if res.wire and res.run_dir:
+        for k, v in compare_with_ledger(res.wire, res.run_dir).items():
+            table.add_row(k, str(v))
+    Console().print(table)
+    if res.returncode != 0 or res.run_dir is None:
+        console.print(f"[red]error:[/red] the run failed; see {res.log_dir}")
+        raise typer.Exit(1)
+
+
+@app.command("deploy-tls")
+def deploy_tls(
+    out: Annotated[Path, typer.Argument(help="folder for ca.crt, server.pem, server.key")],
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="name or IP the SuperLink is reached at "
+                                                      "(repeatable; default: localhost and 127.0.0.1)")] = None,
+    days: Annotated[int, typer.Option("--days", help="validity in days")] = 7,
+) -> None:
+    """Make a throw-away CA and SuperLink certificate for trying TLS (not for production)."""
+    from fedpeft.deploy.certs import make_tls_files
+
+    files = make_tls_files(out, tuple(host) if host else ("localhost", "127.0.0.1"), days)
+    console.print(f"CA certificate (give to every SuperNode and to flwr): {files.ca_cert}\n"
+                  f"SuperLink certificate and key: {files.server_cert}, {files.server_key}")
+
+
+@app.command("deploy-key")
+def deploy_key(
+    path: Annotated[Path, typer.Argument(help="private key path; the public key goes to PATH.pub")],
+) -> None:
+    """Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH format, like ssh-keygen -t ecdsa -b 384)."""
+    from fedpeft.deploy.keys import make_node_keys
+
+    if path.exists():
+        _report_error(f"{path} exists; not overwriting a key")
+    keys = make_node_keys(path)
+    console.print(f"private key (start the SuperNode with --auth-supernode-private-key): {keys.private}\n"
+                  f"public key (register it: flwr supernode register {keys.public} CONNECTION): {keys.public}")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from logging import INFO
 
@@ -35,9 +36,24 @@ class NodeDirectory:
         return [self.client_to_node[clients[i]] for i in sorted(picked)]
 
 
-def discover(grid, timeout: float) -> NodeDirectory:
-    """Ask every connected node for its client id (a small QUERY message each way)."""
+def wait_for_nodes(grid, want: int, wait_s: float, poll_s: float = 1.0) -> list[int]:
+    """Node ids online once `want` nodes are connected, or after `wait_s` seconds with those there are."""
+    deadline = time.monotonic() + wait_s
     node_ids = list(grid.get_node_ids())
+    while len(node_ids) < want and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        node_ids = list(grid.get_node_ids())
+    if len(node_ids) < want:
+        log(INFO, "%d of %d nodes connected after %.0f s; going on with them", len(node_ids), want, wait_s)
+    return node_ids
+
+
+def discover(grid, timeout: float, want: int = 0, wait_s: float = 0.0) -> NodeDirectory:
+    """Ask every connected node for its client id (a small QUERY message each way).
+
+    With `want`, first wait up to `wait_s` seconds for that many nodes (real SuperNodes connect at their own pace).
+    """
+    node_ids = wait_for_nodes(grid, want, wait_s) if want else list(grid.get_node_ids())
     msgs = [
         Message(RecordDict({"config": ConfigRecord({"ask": CLIENT_ID_KEY})}), dst_node_id=n, message_type=MessageType.QUERY)
         for n in node_ids

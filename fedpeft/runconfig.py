@@ -23,6 +23,9 @@ TASK_KEY = "fedpeft-task"
 RUN_DIR_KEY = "fedpeft-run-dir"
 RECIPE_KEY = "recipe"
 OVERRIDES_KEY = "overrides"
+NODE_WAIT_KEY = "node-wait-s"
+DEFAULT_NODE_WAIT_S = 60.0
+APP_ROOT = Path(__file__).resolve().parents[1]  # the Flower app (FAB) folder: pyproject.toml, simulations/
 
 
 def config_from(run_config: dict) -> Config:
@@ -35,7 +38,10 @@ def config_from(run_config: dict) -> Config:
         raise ConfigError(f"the run config has neither '{CONFIG_KEY}' nor '{RECIPE_KEY}'")
     path = Path(recipe)
     if not path.is_absolute():
-        path = Path(os.environ.get("FEDPEFT_APP_DIR", ".")) / path
+        # A relative recipe is looked up in $FEDPEFT_APP_DIR or the working directory, then in the
+        # app itself: under `flwr run` the FAB carries simulations/, so every node has the recipe.
+        base = Path(os.environ.get("FEDPEFT_APP_DIR", "."))
+        path = base / path if (base / path).is_file() or not (APP_ROOT / path).is_file() else APP_ROOT / path
     return load(path, shlex.split(str(run_config.get(OVERRIDES_KEY, "") or "")))
 
 

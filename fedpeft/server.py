@@ -21,9 +21,11 @@ from fedpeft.ledger import CommLedger, LedgerGrid, message_bytes
 from fedpeft.models import build_model, device_for
 from fedpeft.nodes import NodeDirectory, discover
 from fedpeft.privacy import PrivacyLedger, epsilon_stats
-from fedpeft.userdp import with_user_dp
-from fedpeft.runconfig import RUN_DIR_KEY, config_from, shared_dir, task_from
+from fedpeft.runconfig import (
+    DEFAULT_NODE_WAIT_S, NODE_WAIT_KEY, RUN_DIR_KEY, config_from, shared_dir, task_from,
+)
 from fedpeft.rundir import RunDir
+from fedpeft.userdp import with_user_dp
 from strategies import get_strategy_class
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -67,7 +69,11 @@ def run_server(
     privacy = PrivacyLedger(rundir.privacy_csv)
     lgrid = LedgerGrid(grid, ledger, stop)
     if directory is None:
-        holder["dir"] = directory = discover(lgrid, timeout=cfg.sim.round_timeout_s)
+        # Under `flwr run`: wait (up to `node-wait-s`) for as many nodes as the recipe has clients.
+        wait_s = float(rc.get(NODE_WAIT_KEY, DEFAULT_NODE_WAIT_S))
+        holder["dir"] = directory = discover(lgrid, cfg.sim.round_timeout_s, cfg.sim.num_clients, wait_s)
+        log(INFO, "run directory %s; %d nodes: clients %s", rundir.path, len(directory.node_to_client),
+            sorted(directory.node_to_client.values()))
     workdir = shared_dir(rc, context.run_id)
     workdir.mkdir(parents=True, exist_ok=True)
     strategy = with_user_dp(get_strategy_class(cfg.method.name)(cfg, directory, model, workdir), cfg)

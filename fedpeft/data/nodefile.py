@@ -1,0 +1,73 @@
+"""A deployed client's own training data: a file named in its SuperNode's node config.
+
+In deployment a node trains on a local file (`--node-config "data-file=/data/shard.jsonl client-id=3"`)
+instead of a simulation partition. The file uses the recipe's `data.text_column` / `data.label_column`;
+labels are mapped with `data.label_map` when the recipe has one, else by class name (or class index)
+of the run's task, so every node and the server agree on what label k means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+
+from fedpeft.config import Config
+from fedpeft.data.prepared import PreparedTask, tokenize
+from fedpeft.data.sources import DataError, _first_split, _load_path
+
+DATA_FILE_KEY = "data-file"
+
+
+def label_index(value: object, label_names: list[str], label_map: dict[str, int] | None) -> int:
+    """The class index of a raw label value: through `label_map`, else by class name, else as an index."""
+    key = str(value)
+    if label_map:
+        if key in label_map:
+            return int(label_map[key])
+    elif key in label_names:
+        return label_names.index(key)
+    elif key.lstrip("-").isdigit() and 0 <= int(key) < len(label_names):
+        return int(key)
+    raise DataError(f"label {value!r} is not one of the run's classes {label_names}")
+
+
+def load_node_data(path: str, cfg: Config, label_names: list[str]) -> Dataset:
+    """Read, label-map and tokenize a node's data file (any format `data.source = "file"` accepts)."""
+    from fedpeft.models import load_tokenizer
+
+    ds = _first_split(_load_path(path))
+    text_col, label_col = cfg.data.text_column, cfg.data.label_column
+    missing = [c for c in (text_col, label_col) if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} not found (columns: {', '.join(ds.column_names)}); "
+                        "the node's file must use the recipe's data.text_column and data.label_column")
+    if len(ds) == 0:
+        raise DataError(f"{path} has no examples")
+    label_map = dict(cfg.data.label_map) if cfg.data.label_map else None
+    texts = ds[text_col]
+    if any(not isinstance(t, str) for t in texts):
+        raise DataError(f"{path}: column '{text_col}' must hold strings")
+    labels = [label_index(v, label_names, label_map) for v in ds[label_col]]
+    plain = Dataset.from_dict({"text": texts, "label": labels})
+    return tokenize(plain, load_tokenizer(cfg.model), cfg.model.max_length).select_columns(["input_ids", "label"])
+
+
+@dataclass
+class NodeTask(PreparedTask):
+    """The run's task, except that this node's client trains on its own file."""
+
+    client_id: int = -1
+    own: Dataset | None = field(default=None, repr=False)
+
+    def client_dataset(self, client_id: int) -> Dataset:
+        """This node's examples; a node holds no other client's data."""
+        if client_id != self.client_id or self.own is None:
+            raise DataError(f"this node holds client {self.client_id}'s data, not client {client_id}'s")
+        return self.own
+
+
+def node_task(task: PreparedTask, cfg: Config, path: str, client_id: int) -> NodeTask:
+    """`task` with client `client_id`'s training data read from the node's data file."""
+    return NodeTask(task.train, task.test, task.partitions, task.label_names, task.pad_token_id,
+                    client_id=client_id, own=load_node_data(path, cfg, task.label_names))
