@@ -141,7 +141,7 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
     wall = run.summary.get("wall_s", run.metrics[-1].get("elapsed_s"))
     return RunStats(
         label=run.label, path=str(run.path), method=run.method, adapter=run.adapter,
-        codecs=format_codecs(run.config.get("codecs")),
+        codecs=format_codecs(_configured(run.config.get("codecs"))),
         bytes_down=totals["down"], bytes_up=totals["up"],
         messages_down=messages["down"], messages_up=messages["up"], participations=participations,
         initial_accuracy=initial, final_accuracy=final, best_accuracy=max(r.accuracy for r in rounds),
@@ -168,6 +168,16 @@ def _round_stats(run: Run, per_round: dict[int, dict[str, int]]) -> list[RoundSt
             epsilon_max=_opt_float(m.get("epsilon_max")), epsilon_median=_opt_float(m.get("epsilon_median")),
         ))
     return out
+
+
+def _configured(codecs: Any) -> Any:
+    # A resolved config.toml spells out every default (merge = "mean", …): show only what was set.
+    if not isinstance(codecs, dict):
+        return codecs
+    from fedpeft.config import CodecsConfig
+
+    defaults = CodecsConfig().model_dump()
+    return {k: v for k, v in codecs.items() if k not in defaults or v != defaults[k]}
 
 
 def format_codecs(codecs: Any) -> str | None:
