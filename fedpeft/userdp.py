@@ -95,10 +95,15 @@ def check_config(cfg: Config) -> None:
 
     trainer = get_strategy_class(cfg.method.name).client_trainer
     if trainer != "first_order":
+        why = {
+            "zeroth_order": "its uploads are seeds and scalars, which Flower's DP wrappers cannot clip",
+            "hetero_rank": "its clients hold adapters of different ranks, while Flower's wrappers clip every "
+                           "update against the one global record",
+        }.get(trainer, "user-level DP is supported for methods with the 'first_order' client only")
         raise ConfigError(
-            f"dp.user.enabled = true needs a method whose clients return adapter tensors, but method.name = "
-            f"'{cfg.method.name}' trains with the '{trainer}' client (its uploads are seeds and scalars, "
-            "which Flower's DP wrappers cannot clip)"
+            f"dp.user.enabled = true needs a method whose clients all train and return the global adapter "
+            f"(fedavg, ffa-lora, fedpara), but method.name = '{cfg.method.name}' trains with the '{trainer}' "
+            f"client ({why})"
         )
     if cfg.method.options().get("lora_aggregation") == "exact":
         raise ConfigError(

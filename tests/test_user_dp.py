@@ -161,7 +161,8 @@ def test_server_side_clipping_applies_to_decoded_codec_uploads():
 
 # ----- invalid combinations ---------------------------------------------------------------------
 BAD = {
-    "zeroth-order method": (['method.name="fedkseed"'], r"dp\.user\.enabled = true needs a method .*fedkseed"),
+    "zeroth-order method": (['method.name="fedkseed"'], r"dp\.user\.enabled = true needs a method .*fedkseed.*seeds"),
+    "rank-heterogeneous method": (['method.name="hetlora"'], r"'hetlora' trains with the 'hetero_rank' client"),
     "exact LoRA aggregation": (['method.lora_aggregation="exact"'], r"lora_aggregation = 'exact'"),
     "peft merge": (['codecs.merge="ties"'], r"codecs\.merge = 'mean' \(got 'ties'\)"),
     "client side with codecs": (['dp.user.side="client"', 'codecs.up=["delta","int8"]'], r"side = 'client'.*codecs"),
