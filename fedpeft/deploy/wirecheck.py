@@ -289,8 +289,10 @@ def compare_with_ledger(wire: dict, run_dir) -> dict[str, object]:
     for d in (DOWN, UP):
         led, obj = ledger[d], wire["objects"][d]
         out[f"ledger {d} B"] = led
-        out[f"wire message objects {d} B"] = obj
-        out[f"payload difference {d}"] = f"{100.0 * (obj - led) / led:+.3f} %" if led else "n/a"
+        if calls:  # with TLS the relay sees ciphertext only: no payload split
+            out[f"wire message objects {d} B"] = obj
+            out[f"payload difference {d}"] = f"{100.0 * (obj - led) / led:+.3f} %" if led else "n/a"
+    out["TCP connections"] = wire.get("connections", 0)
     if calls:
         objects = wire["objects"][UP] + wire["objects"][DOWN]
         wrap = calls.get("push-object", {}).get("up_body", 0) + calls.get("pull-object", {}).get("down_body", 0) - objects
@@ -315,7 +317,6 @@ def compare_with_ledger(wire: dict, run_dir) -> dict[str, object]:
         clear = sum(tls[d].get("handshake_bytes", 0) for d in (UP, DOWN))
         framing = app * (TLS_HEADER + TLS13_RECORD_EXTRA)
         out["TCP bytes, both directions"] = tcp_total
-        out["TLS connections"] = wire.get("connections", 0)
         out["TLS records (application-data records)"] = f"{recs} ({app})"
         out["TLS unencrypted handshake records B"] = clear
         out["TLS record framing (5 B header + 17 B tag/type per application record) B"] = framing
