@@ -58,17 +58,18 @@ def row(run_dir: str | Path) -> dict:
     extra = {k: v for k, v in codecs.items() if k != "up" and v not in (None, [], "mean", 0.5)}
     if extra:
         chain += ";" + ";".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in extra.items())
-    return {"chain": chain, "final": stats.final_accuracy, "best": stats.best_accuracy, "up": stats.bytes_up,
+    reach = next((m["round"] for m in run.metrics if m["round"] > 0 and m["accuracy"] >= 0.99), None)
+    return {"chain": chain, "reach": reach, "final": stats.final_accuracy, "best": stats.best_accuracy, "up": stats.bytes_up,
             "down": stats.bytes_down, "rejected": sum(int(m.get("rejected", 0)) for m in run.metrics)}
 
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of the runs, with compression ratios against the dense run (the first row)."""
     dense = rows[0]["up"]
-    lines = ["| upload chain | final acc | best acc | upload bytes | ratio vs dense | rejected |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| upload chain | final acc | best acc | first round ≥ 0.99 | upload bytes | ratio vs dense | rejected |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| `{r['chain']}` | {r['final']:.3f} | {r['best']:.3f} | {r['up']:,} | "
+        lines.append(f"| `{r['chain']}` | {r['final']:.3f} | {r['best']:.3f} | {r['reach'] or '—'} | {r['up']:,} | "
                      f"{dense / r['up']:.1f}× | {r['rejected']} |")
     return "\n".join(lines)
 
