@@ -28,12 +28,12 @@ def coded_train(trainer, rt: ClientRuntime, msg: Message, cid: int) -> RecordDic
         dtypes = {k: v.numpy().dtype for k, v in state.items()}
         dense = codecs.decode_download(msg.content, template, dtypes, server_round)
         msg.content = RecordDict({"arrays": dense, "config": msg.content["config"]})
+    # What the server sent, taken before training: a trainer may rewrite the message (e.g. pad it).
+    reference = numpy_state(msg.content["arrays"])
     reply = trainer.train(msg, cid)
     if codecs.up is None:
         return reply
     store = store_for(rt.run_dir, msg.metadata.run_id)
-    coded = codecs.encode_upload(
-        numpy_state(reply["arrays"]), numpy_state(msg.content["arrays"]), cid, server_round, store
-    )
+    coded = codecs.encode_upload(numpy_state(reply["arrays"]), reference, cid, server_round, store)
     rest = {name: rec for name, rec in reply.items() if name != "arrays"}
     return RecordDict({CODEC_RECORD: coded, **rest})

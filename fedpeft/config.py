@@ -330,12 +330,15 @@ def _check_codecs_method(cfg: Config) -> None:
     # Codecs act on adapter tensors; a zeroth-order method already sends only seeds and scalars.
     from strategies import get_strategy_class
 
-    trainer = get_strategy_class(cfg.method.name).client_trainer
-    if cfg.codecs.active and trainer != "first_order":
-        raise ConfigError(
-            f"[codecs] applies to first-order methods, but method.name = '{cfg.method.name}' trains with the "
-            f"'{trainer}' client (its uploads are already seeds and scalars)"
-        )
+    allowed = get_strategy_class(cfg.method.name).codec_directions
+    for direction in ("up", "down"):
+        if getattr(cfg.codecs, direction) and direction not in allowed:
+            raise ConfigError(
+                f"codecs.{direction} is not supported by method.name = '{cfg.method.name}' "
+                f"(it supports: {', '.join(f'codecs.{d}' for d in allowed) or 'no codecs; its uploads are already seeds and scalars'})"
+            )
+    if cfg.codecs.merge != "mean" and "up" not in allowed:
+        raise ConfigError(f"codecs.merge is not supported by method.name = '{cfg.method.name}'")
     if cfg.codecs.merge == "sparse-mean" and not cfg.codecs.up:
         raise ConfigError("codecs.merge = 'sparse-mean' averages over the entries each client sent: set codecs.up")
 

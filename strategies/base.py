@@ -57,6 +57,8 @@ class AdapterStrategy(FedAvg):
     Options: type[BaseModel] = NoOptions
     client_trainer = "first_order"
     method_name = ""
+    # Which `[codecs]` chains the method works with: uploads and downloads of adapter tensors.
+    codec_directions: tuple[str, ...] = ("up", "down")
 
     def __init__(self, cfg: Config, directory: NodeDirectory, model: "PeftModel", workdir: Path | None = None) -> None:
         super().__init__(fraction_evaluate=0.0, weighted_by_key=NUM_EXAMPLES, min_train_nodes=1, min_available_nodes=1)

@@ -77,6 +77,7 @@ class FedKSeed(AdapterStrategy):
 
     Options = FedKSeedOptions
     client_trainer = "zeroth_order"
+    codec_directions = ()  # its uploads are already seeds and scalars
 
     @classmethod
     def effective_options(cls, cfg) -> FedKSeedOptions:

@@ -56,18 +56,21 @@ class HeteroRankLoRA(FedAvgAdapter):
 
     Options = HeteroRankOptions
     client_trainer = "hetero_rank"
+    # Downloads differ per tier in shape, which a client cannot decode against its own template.
+    codec_directions = ("up",)
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        """Require LoRA without DP or codecs; set adapter.r to the largest tier rank."""
+        """Require LoRA without DP (upload codecs with a mean merge only); set adapter.r to the largest tier rank."""
         name = cls.method_name
         if cfg.adapter.type.lower() != "lora":
             raise ConfigError(f"method '{name}' needs adapter.type = 'lora' (got '{cfg.adapter.type}')")
         if cfg.dp.enabled:
             # DP noise would fill the zero-padded rows, so a client would no longer train its tier's rank.
             raise ConfigError(f"method '{name}' does not support dp.enabled = true")
-        if cfg.codecs.active:
-            raise ConfigError(f"method '{name}' sends per-tier shapes and does not support [codecs]")
+        if cfg.codecs.merge != "mean":
+            # The merge rules stack updates of one shape; tiers send different ranks.
+            raise ConfigError(f"method '{name}' combines per-tier ranks and needs codecs.merge = 'mean'")
         opts = cls.Options.model_validate(cfg.method.options())
         kwargs = cfg.adapter.peft_kwargs()
         kwargs["r"] = max(opts.rank_tiers)

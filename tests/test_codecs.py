@@ -185,7 +185,7 @@ def test_bad_chains_are_refused_with_the_reason(stages, match):
 def test_codecs_config_errors_name_the_problem():
     with pytest.raises(ConfigError, match="download chains may only cast"):
         validate({"codecs": {"down": ["delta", "topk:0.1"]}})
-    with pytest.raises(ConfigError, match="first-order methods"):
+    with pytest.raises(ConfigError, match="codecs.up is not supported by method.name = .fedkseed."):
         validate({"method": {"name": "fedkseed"}, "codecs": {"up": ["delta", "int8"]}})
     with pytest.raises(ConfigError, match="sparse-mean"):
         validate({"codecs": {"merge": "sparse-mean"}})
