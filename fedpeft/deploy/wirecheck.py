@@ -212,12 +212,14 @@ class CountingRelay:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                dst.sendall(data)
+                # Count before forwarding: a request's endpoint must be queued before the server can
+                # answer it, or the response thread would find no request to pair the response with.
                 with self.lock:
                     self.counts.tcp[direction] += len(data)
                     tls.feed(data)
                     for msg in http.feed(data):
                         self._count_http(msg, direction, pending)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
