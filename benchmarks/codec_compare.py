@@ -20,7 +20,7 @@ from fedpeft.env import quiet_libraries, set_offline_env
 set_offline_env()
 quiet_libraries()
 
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.report.load import load_run
 from fedpeft.report.tables import run_stats
 from fedpeft.simulation import simulate

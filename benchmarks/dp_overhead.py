@@ -18,8 +18,8 @@ from fedpeft.env import quiet_libraries, set_offline_env
 set_offline_env()
 quiet_libraries()
 
-from clients.dp import dp_step, make_private, poisson_loader, release  # noqa: E402
-from fedpeft.config import validate  # noqa: E402
+from fedpeft.privacy.dpsgd import dp_step, make_private, poisson_loader, release  # noqa: E402
+from fedpeft.recipe import validate  # noqa: E402
 from fedpeft.models import build_model  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.env import quiet_libraries, set_offline_env
 from fedpeft.simulation import simulate
 

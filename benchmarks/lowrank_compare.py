@@ -37,7 +37,7 @@ METHODS: dict[str, tuple[str, str, list[str]]] = {
 
 def run_method(key: str, rounds: int, alpha: float, out: Path, extra: list[str]) -> dict:
     """Run one method's recipe with the shared overrides; return and store its figures."""
-    from fedpeft.config import load
+    from fedpeft.recipe import load
     from fedpeft.simulation import simulate
 
     label, recipe, sized = METHODS[key]

@@ -18,7 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.first_order import FirstOrderTrainer
 from clients.runtime import ClientRuntime
 from fedpeft.adapters import adapter_state
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.data import prepare
 from fedpeft.env import quiet_libraries, set_offline_env
 from fedpeft.models import build_model

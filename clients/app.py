@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
+from clients.base import Trainer
 from clients.codec import coded_train
 from clients.registry import get_trainer_class
 from clients.runtime import client_id, runtime
-from clients.user_dp import user_dp_mod
 from fedpeft.env import quiet_libraries
 from fedpeft.nodes import CLIENT_ID_KEY
-from strategies import get_strategy_class
+from strategies import method_spec
 
-app = ClientApp(mods=[user_dp_mod])
-_trainers: dict[int, object] = {}
+_trainers: dict[int, Trainer] = {}
 
 
-def _trainer(context: Context):
+def _trainer(context: Context) -> Trainer:
+    # One trainer per process runtime: the trainer the method's registration names.
     rt = runtime(context)
     key = id(rt)
     if key not in _trainers:
-        name = get_strategy_class(rt.cfg.method.name).client_trainer
-        _trainers[key] = get_trainer_class(name)(rt)
+        spec = method_spec(rt.cfg.method.name)
+        _trainers[key] = get_trainer_class(spec.trainer)(rt, spec.strategy)
     return _trainers[key]
+
+
+def user_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip this client's update with Flower's fixed or adaptive clipping mod when dp.user.side = "client"."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    user = runtime(context).cfg.dp.user
+    if not (user.enabled and user.side == "client"):
+        return call_next(msg, context)
+    # Flower's mod clips (reply - received) to the norm the server's wrapper put in the config, and
+    # answers with an error message (rejected by the server, with its reason) when the norm is missing.
+    mod = adaptiveclipping_mod if user.clipping == "adaptive" else fixedclipping_mod
+    return mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[user_dp_mod])
 
 
 @app.train()

@@ -1,35 +1,28 @@
-"""First-order local training of the adapter (AdamW or SGD on the client's own examples)."""
+"""First-order local training of the adapter: one loop, with hooks, for plain training and DP-SGD.
+
+A method that trains differently subclasses `FirstOrderTrainer` and overrides only what changes:
+`begin` (after the global adapter is loaded), `loss`, `adjust_gradients` (after backward and, with
+DP-SGD, after privatization), `after_step`, `upload` (what the reply carries).
+"""
 
 from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from clients.base import Trainer
+from clients.local_steps import DPSteps, LocalRound, PlainSteps, make_optimizer
 from clients.registry import register_trainer
-from clients.runtime import ClientRuntime
 from fedpeft.adapters import adapter_state, load_adapter_state
-from fedpeft.config import TrainConfig
-from fedpeft.data.prepared import train_batches
-from fedpeft.seeding import derive_seed, rng
-from strategies import get_strategy_class
+from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
+from fedpeft.seeding import derive_seed
 
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured local optimizer over `params`."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+__all__ = ["FirstOrderTrainer", "make_optimizer"]
 
 
 @register_trainer("first_order")
-class FirstOrderTrainer:
-    """Load the global adapter, take local optimizer steps, return the new adapter tensors."""
-
-    def __init__(self, rt: ClientRuntime) -> None:
-        self.rt = rt
-        self.method = get_strategy_class(rt.cfg.method.name)
-        self.method.prepare_model(rt.model)
-        self.keys = {k for k in adapter_state(rt.model) if self.method.exchanged(k)}
+class FirstOrderTrainer(Trainer):
+    """Load the global adapter, take local optimizer steps (DP-SGD if configured), return the new adapter tensors."""
 
     def dataset(self, cid: int):
         """The examples client `cid` trains on (its whole partition)."""
@@ -37,37 +30,39 @@ class FirstOrderTrainer:
 
     def train(self, msg: Message, cid: int) -> RecordDict:
         """Train on client `cid` from the global adapter in `msg`; reply with adapter + metrics."""
-        cfg, model, task = self.rt.cfg, self.rt.model, self.rt.task
-        if cfg.dp.enabled:
-            from clients.dp import train_dp
-
-            return train_dp(self.rt, msg, cid, make_optimizer, self.keys)
-        server_round = int(msg.content["config"]["server-round"])
-        load_adapter_state(model, msg.content["arrays"].to_torch_state_dict(), keys=self.keys)
-        ds = self.dataset(cid)
-        seed = cfg.sim.seed
-        torch.manual_seed(derive_seed(seed, server_round, cid, "dropout"))
-        batches = train_batches(
-            ds, cfg.train.batch_size, rng(seed, server_round, cid, "batches"), task.pad_token_id,
-            steps=cfg.train.local_steps if cfg.train.local_epochs == 0 else 0, epochs=cfg.train.local_epochs,
-        )
+        cfg, model = self.rt.cfg, self.rt.model
+        server_round = int(msg.content["config"][SERVER_ROUND])
+        load_adapter_state(model, msg.content[ARRAYS].to_torch_state_dict(), keys=set(self.keys))
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, cfg.train)
-        device = next(model.parameters()).device
+        ctx = LocalRound(msg, cid, server_round, self.dataset(cid), params)
+        torch.manual_seed(derive_seed(cfg.sim.seed, server_round, cid, "dropout"))
+        self.begin(ctx)
         model.train()
-        total, steps = 0.0, 0
         try:
-            for batch in batches:
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-                loss.backward()
-                if cfg.train.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                total += float(loss.detach())
-                steps += 1
+            (DPSteps if cfg.dp.enabled else PlainSteps)(self, ctx).run()
         finally:
             model.eval()
-        metrics = {"num-examples": len(ds), "train-loss": total / max(steps, 1), "train-steps": steps}
-        upload = {k: v for k, v in adapter_state(model).items() if k in self.keys}
-        return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
+        metrics = {NUM_EXAMPLES: len(ctx.dataset), TRAIN_LOSS: ctx.loss_sum / max(ctx.steps, 1),
+                   "train-steps": ctx.steps, **ctx.metrics}
+        return self.upload(ctx, metrics)
+
+    # ----- hooks ------------------------------------------------------------------------------
+    def begin(self, ctx: LocalRound) -> None:
+        """Called once the global adapter is loaded, before the first step."""
+
+    def loss(self, ctx: LocalRound, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one batch (the model's own loss)."""
+        return model(**batch).loss
+
+    base_loss = loss  # lets the DP engine tell whether a subclass changed the loss
+
+    def adjust_gradients(self, ctx: LocalRound) -> None:
+        """Change `p.grad` of the trainable parameters before the optimizer step (data-independently)."""
+
+    def after_step(self, ctx: LocalRound) -> None:
+        """Called after every optimizer step."""
+
+    def upload(self, ctx: LocalRound, metrics: dict) -> RecordDict:
+        """The reply: the exchanged adapter tensors and the metrics."""
+        state = {k: v for k, v in adapter_state(self.rt.model).items() if k in self.keys}
+        return RecordDict({ARRAYS: ArrayRecord(state), "metrics": MetricRecord(metrics)})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
+from clients.base import ClientRuntime
 from clients.first_order import FirstOrderTrainer
 from clients.registry import register_trainer
-from clients.runtime import ClientRuntime
 from fedpeft.adapters import adapter_state
 from fedpeft.lowrank import pad_lora, truncate_lora
 from strategies.hetero_rank import RANK_KEY
@@ -17,8 +17,8 @@ from strategies.hetero_rank import RANK_KEY
 class HeteroRankTrainer(FirstOrderTrainer):
     """First-order training of a rank-r LoRA held zero-padded in the process's largest-rank model."""
 
-    def __init__(self, rt: ClientRuntime) -> None:
-        super().__init__(rt)
+    def __init__(self, rt: ClientRuntime, method: type | None = None) -> None:
+        super().__init__(rt, method)
         self.shapes = {k: tuple(v.shape) for k, v in adapter_state(rt.model).items() if k in self.keys}
 
     def train(self, msg: Message, cid: int) -> RecordDict:

@@ -7,13 +7,12 @@ import math
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
+from clients.base import ClientRuntime
 from clients.first_order import FirstOrderTrainer
 from clients.registry import register_trainer
-from clients.runtime import ClientRuntime
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.evaluation import evaluate
 from fedpeft.seeding import torch_generator
-from fedpeft.state import store_for
 from strategies.pfedpara import GLOBAL_LOCAL, LOCAL_SET, LOCAL_TEST, PERSONAL, is_local
 
 
@@ -21,8 +20,8 @@ from strategies.pfedpara import GLOBAL_LOCAL, LOCAL_SET, LOCAL_TEST, PERSONAL, i
 class PFedParaTrainer(FirstOrderTrainer):
     """Train global + personal factors on the local train split; upload only the global ones."""
 
-    def __init__(self, rt: ClientRuntime) -> None:
-        super().__init__(rt)
+    def __init__(self, rt: ClientRuntime, method: type | None = None) -> None:
+        super().__init__(rt, method)
         state = adapter_state(rt.model)
         self.local_shapes = {k: tuple(v.shape) for k, v in state.items() if is_local(k)}
         self.local_dtypes = {k: v.dtype for k, v in state.items() if is_local(k)}
@@ -50,7 +49,7 @@ class PFedParaTrainer(FirstOrderTrainer):
     def train(self, msg: Message, cid: int) -> RecordDict:
         """Evaluate the global model locally, train with the stored personal pair, evaluate and store it."""
         cfg, model, task = self.rt.cfg, self.rt.model, self.rt.task
-        store = store_for(self.rt.run_dir, msg.metadata.run_id)
+        store = self.store(msg)
         _, test = self.split(cid)
         initial = self.initial_local(cid)
         glob = msg.content["arrays"].to_torch_state_dict()

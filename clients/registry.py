@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from fedpeft.plugins import import_submodules
 
 _TRAINERS: dict[str, type] = {}
 _discovered = False
 
 
 def register_trainer(name: str):
-    """Class decorator: register a client trainer under `name`."""
+    """Class decorator: register a client trainer (a `clients.base.Trainer`) under `name`."""
 
     def deco(cls: type) -> type:
+        if name in _TRAINERS and _TRAINERS[name] is not cls:
+            raise ValueError(f"trainer '{name}' is already registered by {_TRAINERS[name].__qualname__}")
         _TRAINERS[name] = cls
         return cls
 
@@ -25,9 +26,7 @@ def get_trainer_class(name: str) -> type:
     if not _discovered:
         import clients
 
-        for mod in pkgutil.iter_modules(clients.__path__):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"clients.{mod.name}")
+        import_submodules(clients)
         _discovered = True
     if name not in _TRAINERS:
         raise KeyError(f"no client trainer named '{name}' (known: {', '.join(sorted(_TRAINERS))})")

@@ -1,33 +1,19 @@
-"""What a client process keeps between messages: config, tokenized data and the one base model."""
+"""ClientApp wiring: build a process's runtime (config, tokenized data, the one base model) from Flower's context."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from flwr.app import Context
 
-from fedpeft.config import Config
-from fedpeft.data import PreparedTask
+from clients.base import ClientRuntime
 from fedpeft.data.nodefile import DATA_FILE_KEY, node_task
 from fedpeft.models import cached_model
 from fedpeft.runconfig import (
     CONFIG_KEY, OVERRIDES_KEY, RECIPE_KEY, RUN_DIR_KEY, TASK_KEY, config_from, shared_dir, task_from,
 )
 
-if TYPE_CHECKING:
-    from peft import PeftModel
-
-
-@dataclass
-class ClientRuntime:
-    """Per-process state shared by every client this worker runs."""
-
-    cfg: Config
-    task: PreparedTask
-    model: "PeftModel"
-    run_dir: str | None = None
+__all__ = ["ClientRuntime", "client_id", "runtime"]
 
 
 @lru_cache(maxsize=2)

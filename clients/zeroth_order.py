@@ -15,22 +15,22 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from clients.base import ClientRuntime, Trainer
 from clients.registry import register_trainer
-from clients.runtime import ClientRuntime
 from fedpeft.data.prepared import train_batches
+from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from fedpeft.seeding import rng
 from fedpeft.zo import pack_scalars, perturb, pro_probabilities, replay, seed_pool, tuned_parameters
-from strategies import get_strategy_class
 from strategies.fedkseed import HISTORY_FILE, SCALARS_RECORD, read_history_file, unpack_history
 
 
 @register_trainer("zeroth_order")
-class ZerothOrderTrainer:
+class ZerothOrderTrainer(Trainer):
     """Replays the global history into the worker's model, then runs local ZO steps from it."""
 
-    def __init__(self, rt: ClientRuntime) -> None:
-        self.rt = rt
-        self.opts = get_strategy_class(rt.cfg.method.name).effective_options(rt.cfg)
+    def __init__(self, rt: ClientRuntime, method: type | None = None) -> None:
+        super().__init__(rt, method)
+        self.opts = self.method.effective_options(rt.cfg)
         self.k = self.opts.num_seeds
         self.pool = seed_pool(rt.cfg.sim.seed, self.k)
         self.params = tuned_parameters(rt.model, self.opts.scope)
@@ -66,7 +66,7 @@ class ZerothOrderTrainer:
         """Sync, take local ZO steps, restore the global model, reply with per-seed scalars."""
         cfg, model, task = self.rt.cfg, self.rt.model, self.rt.task
         c = msg.content["config"]
-        server_round = int(c["server-round"])
+        server_round = int(c[SERVER_ROUND])
         self.sync(server_round, int(c["from-round"]), unpack_history(c["history"], self.k))
         for p, s in zip(self.params, self.snapshot):
             s.copy_(p)
@@ -98,7 +98,7 @@ class ZerothOrderTrainer:
         for p_, s in zip(self.params, self.snapshot):
             p_.copy_(s)
         idx = np.flatnonzero(acc)
-        metrics = {"num-examples": len(ds), "train-loss": float(np.mean(losses)) if losses else 0.0, "zo-steps": len(losses)}
+        metrics = {NUM_EXAMPLES: len(ds), TRAIN_LOSS: float(np.mean(losses)) if losses else 0.0, "zo-steps": len(losses)}
         return RecordDict({
             SCALARS_RECORD: ConfigRecord({"scalars": pack_scalars(idx, acc[idx].astype(np.float32), self.k)}),
             "metrics": MetricRecord(metrics),

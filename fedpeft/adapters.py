@@ -62,3 +62,22 @@ def get_adapter_keys(model: "PeftModel") -> list[str]:
 
     return list(get_peft_model_state_dict(model).keys())
 
+
+
+def adapter_parameters(model: "PeftModel", keys: set[str] | frozenset[str] | None = None) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters behind each adapter state-dict key (all keys, or `keys`).
+
+    peft's state-dict keys drop the adapter name from parameter names (`lora_A.default.weight` →
+    `lora_A.weight`, `classifier.modules_to_save.default.bias` → `classifier.bias`).
+    """
+    wanted = set(get_adapter_keys(model)) if keys is None else set(keys)
+    name = model.active_adapter
+    out = {}
+    for pname, p in model.named_parameters():
+        key = pname.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".")
+        if key in wanted:
+            out[key] = p
+    missing = wanted - set(out)
+    if missing:
+        raise ValueError(f"no parameter for adapter keys {sorted(missing)[:3]}")
+    return out

@@ -30,7 +30,8 @@ def simulate(
     """Run a federated fine-tuning simulation from a recipe."""
     set_offline_env()
     quiet_libraries(verbose)
-    from fedpeft.config import ConfigError, load
+    from fedpeft.config import ConfigError
+    from fedpeft.recipe import load
     from fedpeft.data import DataError
     from fedpeft.models import ModelLoadError
 
@@ -143,7 +144,8 @@ def compare(
     """Run several recipes with a shared seed, then write their comparison report."""
     set_offline_env()
     quiet_libraries(verbose)
-    from fedpeft.config import ConfigError, load
+    from fedpeft.config import ConfigError
+    from fedpeft.recipe import load
     from fedpeft.data import DataError
     from fedpeft.models import ModelLoadError
     from fedpeft.report import ReportError, make_report

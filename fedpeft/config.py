@@ -1,4 +1,8 @@
-"""Typed, validated run configuration: TOML recipes plus `--set key=value` overrides."""
+"""The run configuration schema (pydantic): sections, keys, defaults and value checks.
+
+This is the platform's core: it knows nothing of methods. Recipe loading, which also checks the
+method's options and declared capabilities, is `fedpeft.recipe`.
+"""
 
 from __future__ import annotations
 
@@ -261,8 +265,8 @@ class Config(_Section):
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
-        """Rebuild a config serialized with `to_json`."""
-        return validate(json.loads(text))
+        """Rebuild a config serialized with `to_json` (schema only: it was fully validated when made)."""
+        return schema_validate(json.loads(text))
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -288,59 +292,12 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def validate(raw: dict[str, Any]) -> Config:
-    """Validate a raw mapping into a Config, including method and adapter options."""
+def schema_validate(raw: dict[str, Any]) -> Config:
+    """Validate a raw mapping against the schema (sections, keys, value ranges); ConfigError names each problem."""
     try:
-        cfg = Config.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
-    _check_plugins(cfg)
-    return cfg
-
-
-def _check_plugins(cfg: Config) -> None:
-    # The method and adapter sections are open-ended: their keys are checked against the
-    # registered method's options model and the peft config class named by adapter.type.
-    from fedpeft.adapters import build_peft_config
-    from strategies import get_strategy_class, method_options
-
-    method_options(cfg.method.name, cfg.method.options())
-    get_strategy_class(cfg.method.name).validate_config(cfg)
-    build_peft_config(cfg.adapter)
-    _check_dp_method(cfg)
-    from fedpeft.userdp import check_config as _check_user_dp
-
-    _check_user_dp(cfg)
-    _check_codecs_method(cfg)
-
-
-def _check_dp_method(cfg: Config) -> None:
-    # DP-SGD clips per-sample gradients; a zeroth-order client never computes any.
-    from strategies import get_strategy_class
-
-    trainer = get_strategy_class(cfg.method.name).client_trainer
-    if cfg.dp.enabled and trainer != "first_order":
-        raise ConfigError(
-            f"dp.enabled = true needs a first-order method, but method.name = '{cfg.method.name}' "
-            f"trains with the '{trainer}' client (DP-SGD needs per-sample gradients)"
-        )
-
-
-def _check_codecs_method(cfg: Config) -> None:
-    # Codecs act on adapter tensors; a zeroth-order method already sends only seeds and scalars.
-    from strategies import get_strategy_class
-
-    allowed = get_strategy_class(cfg.method.name).codec_directions
-    for direction in ("up", "down"):
-        if getattr(cfg.codecs, direction) and direction not in allowed:
-            raise ConfigError(
-                f"codecs.{direction} is not supported by method.name = '{cfg.method.name}' "
-                f"(it supports: {', '.join(f'codecs.{d}' for d in allowed) or 'no codecs; its uploads are already seeds and scalars'})"
-            )
-    if cfg.codecs.merge != "mean" and "up" not in allowed:
-        raise ConfigError(f"codecs.merge is not supported by method.name = '{cfg.method.name}'")
-    if cfg.codecs.merge == "sparse-mean" and not cfg.codecs.up:
-        raise ConfigError("codecs.merge = 'sparse-mean' averages over the entries each client sent: set codecs.up")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -373,8 +330,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a TOML recipe, apply overrides and validate it."""
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A TOML recipe as a raw mapping with each `key=value` override applied."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file not found: {p}")
@@ -382,4 +339,4 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"recipe {p} is not valid TOML: {err}") from None
-    return validate(apply_overrides(raw, overrides or []))
+    return apply_overrides(raw, overrides or [])

@@ -15,7 +15,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from fedpeft.config import Config, ConfigError, load
+from fedpeft.config import Config, ConfigError
+
+from fedpeft.recipe import load
 from fedpeft.data import PreparedTask, open_prepared, prepare
 
 CONFIG_KEY = "fedpeft-config"

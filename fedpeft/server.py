@@ -15,17 +15,17 @@ from flwr.supercore import log
 
 from fedpeft.config import Config
 from fedpeft.env import quiet_libraries
-from fedpeft.dp import check_task
+from fedpeft.privacy.sample_level import check_task
 from fedpeft.evaluation import evaluate
 from fedpeft.ledger import CommLedger, LedgerGrid, message_bytes
 from fedpeft.models import build_model, device_for
 from fedpeft.nodes import NodeDirectory, discover
-from fedpeft.privacy import PrivacyLedger, epsilon_stats
+from fedpeft.privacy.ledger import PrivacyLedger, epsilon_stats
 from fedpeft.runconfig import (
     DEFAULT_NODE_WAIT_S, NODE_WAIT_KEY, RUN_DIR_KEY, config_from, shared_dir, task_from,
 )
 from fedpeft.rundir import RunDir
-from fedpeft.userdp import with_user_dp
+from fedpeft.privacy.user_level import with_user_dp
 from strategies import get_strategy_class
 
 RoundCallback = Callable[[dict[str, Any]], None]

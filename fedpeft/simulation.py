@@ -20,7 +20,7 @@ from typing import Any
 
 from fedpeft.config import Config
 from fedpeft.data import prepare
-from fedpeft.dp import check_task
+from fedpeft.privacy.sample_level import check_task
 from fedpeft.env import set_offline_env
 from fedpeft.nodes import NodeDirectory
 from fedpeft.rundir import RunDir

@@ -1,8 +1,13 @@
-"""What every fedpeft strategy shares: seeded client sampling, reply validation, a global adapter."""
+"""What every fedpeft strategy shares: seeded client sampling, reply validation, a global adapter.
+
+A round on the server: `configure_train` (what each sampled client is sent) → `accept` (validate
+and decode each reply) → `combine` (the aggregate of the accepted client tensors: the weighted
+mean, or the `codecs.merge` rule, or a method's own rule) → `server_step` (the new global from
+that aggregate; FedAvg takes it as is, server optimizers step towards it).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,28 +18,23 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.codecs import PayloadError
 from fedpeft.codecs.endpoints import CODEC_RECORD, Codecs, DecodedUpdate, numpy_state, to_record
 from fedpeft.codecs.merge import merge_updates
 from fedpeft.config import Config
-from fedpeft.seeding import derive_seed
 from fedpeft.nodes import NodeDirectory
+from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, num_examples, reply_metrics
+from fedpeft.seeding import derive_seed
+from strategies.registry import Capabilities, NoOptions
+from strategies.strategy_utils import check_arrays, check_metrics
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
     from fedpeft.ledger import CommLedger
-
-NUM_EXAMPLES = "num-examples"
-
-
-class NoOptions(BaseModel):
-    """A method without options of its own."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,11 @@ class AdapterStrategy(FedAvg):
     touches the global adapter.
     """
 
+    # Set by `strategies.registry.register` from the method's one registration.
     Options: type[BaseModel] = NoOptions
     client_trainer = "first_order"
+    capabilities = Capabilities()
     method_name = ""
-    # Which `[codecs]` chains the method works with: uploads and downloads of adapter tensors.
-    codec_directions: tuple[str, ...] = ("up", "down")
 
     def __init__(self, cfg: Config, directory: NodeDirectory, model: "PeftModel", workdir: Path | None = None) -> None:
         super().__init__(fraction_evaluate=0.0, weighted_by_key=NUM_EXAMPLES, min_train_nodes=1, min_available_nodes=1)
@@ -74,6 +74,7 @@ class AdapterStrategy(FedAvg):
         self.codecs = Codecs(cfg.codecs, cfg.sim.seed) if cfg.codecs.active else None
         self.decoded: dict[int, DecodedUpdate] = {}
         self.client_metrics: list[tuple[int, dict]] = []
+        self.global_arrays: ArrayRecord | None = None  # what this round's clients start from
 
     # ----- what the method changes about models and configs --------------------------------
     @classmethod
@@ -115,6 +116,13 @@ class AdapterStrategy(FedAvg):
         """Method-specific entries for the run summary; none by default."""
         return {}
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Server state beyond the global adapter that a resumed run must restore (optimizer moments…)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `state_dict` returned."""
+
     def pop_rejections(self) -> list[Rejection]:
         """Rejections since the last call."""
         out, self.rejections = self.rejections, []
@@ -134,16 +142,22 @@ class AdapterStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send the global adapter and the round number to this round's sampled clients."""
         nodes = self.sample(server_round, grid)
+        self.global_arrays = arrays
         # Keys a wrapper added (e.g. Flower's DP wrappers: the clipping norm) travel along.
-        config = ConfigRecord({**dict(config or {}), "server-round": server_round})
+        config = ConfigRecord({**dict(config or {}), SERVER_ROUND: server_round})
+        extra = self.extra_records(server_round)
         if self.codecs is not None and self.codecs.down is not None:
             coded, dense = self.codecs.encode_download(arrays, server_round)
             self.sent = dict.fromkeys(nodes, dense)
-            record = RecordDict({CODEC_RECORD: coded, "config": config})
+            record = RecordDict({CODEC_RECORD: coded, "config": config, **extra})
         else:
             self.sent = dict.fromkeys(nodes, arrays)
-            record = RecordDict({"arrays": arrays, "config": config})
+            record = RecordDict({ARRAYS: arrays, "config": config, **extra})
         return self._construct_messages(record, nodes, MessageType.TRAIN)
+
+    def extra_records(self, server_round: int) -> dict[str, ArrayRecord | ConfigRecord]:
+        """Records a method sends every client besides the adapter and the config (e.g. SCAFFOLD's variate)."""
+        return {}
 
     def reference(self, node_id: int) -> ArrayRecord:
         """The dense adapter tensors this round sent to `node_id` (what a client's update is relative to).
@@ -159,7 +173,12 @@ class AdapterStrategy(FedAvg):
         valid = self.accept(server_round, replies)
         if not valid:
             return None, None
-        return self.combine(server_round, valid)
+        aggregate, metrics = self.combine(server_round, valid)
+        return (self.server_step(server_round, aggregate) if aggregate is not None else None), metrics
+
+    def server_step(self, server_round: int, aggregate: ArrayRecord) -> ArrayRecord:
+        """The new global adapter from the round's aggregate (FedAvg: the aggregate itself)."""
+        return aggregate
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate replies that passed validation: Flower's example-weighted FedAvg, or the `codecs.merge` rule."""
@@ -177,10 +196,10 @@ class AdapterStrategy(FedAvg):
                 updates.append(self.decoded[node].update)
                 supports.append(self.decoded[node].support)
             else:  # a dense upload: the update is what changed
-                updates.append({k: msg.content["arrays"][k].numpy() - v for k, v in reference.items()})
+                updates.append({k: msg.content[ARRAYS][k].numpy() - v for k, v in reference.items()})
                 supports.append(dict.fromkeys(reference))
         contents = [m.content for m in valid]
-        weights = [float(next(iter(c.metric_records.values()))[NUM_EXAMPLES]) for c in contents]
+        weights = [num_examples(c) for c in contents]
         cfg = self.codecs.cfg
         merged = merge_updates(cfg.merge, updates, supports, weights, cfg.merge_density,
                                derive_seed(self.cfg.sim.seed, server_round))
@@ -198,7 +217,7 @@ class AdapterStrategy(FedAvg):
             reason = reason or self.check_reply(msg.content)
             if reason is None:
                 valid.append(msg)
-                self.client_metrics.append((client, dict(next(iter(msg.content.metric_records.values())))))
+                self.client_metrics.append((client, dict(reply_metrics(msg.content))))
                 continue
             self.rejections.append(Rejection(server_round, client, reason))
             log(WARNING, "round %d: rejected reply from client %d: %s", server_round, client, reason)
@@ -216,45 +235,24 @@ class AdapterStrategy(FedAvg):
         except PayloadError as err:
             return f"malformed payload: {err}"
         rest = {name: rec for name, rec in msg.content.items() if name != CODEC_RECORD}
-        msg.content = RecordDict({"arrays": decoded.arrays, **rest})
+        msg.content = RecordDict({ARRAYS: decoded.arrays, **rest})
         self.decoded[node] = decoded
         return None
+
+    def reply_templates(self) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+        """The array records a reply must carry and the (shape, dtype) of every tensor in each."""
+        return {ARRAYS: self.template}
 
     def check_reply(self, content: RecordDict) -> str | None:
         """Why a reply cannot be aggregated, or None if it is fine."""
         reason = check_metrics(content)
         if reason:
             return reason
-        if set(content.array_records) != {"arrays"}:
-            return f"expected one array record 'arrays', got {sorted(content.array_records)}"
-        return check_arrays(content["arrays"], self.template)
-
-
-def check_metrics(content: RecordDict) -> str | None:
-    """Why a reply's metrics are unusable (missing or invalid example count), or None."""
-    if len(content.metric_records) != 1:
-        return f"expected one metric record, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    n = metrics.get(NUM_EXAMPLES)
-    if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-        return f"'{NUM_EXAMPLES}' must be a positive finite number, got {n!r}"
-    return None
-
-
-def check_arrays(record: ArrayRecord, template: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
-    """Why an adapter record does not match the expected keys/shapes/dtypes or is not finite, or None."""
-    missing = sorted(set(template) - set(record))
-    extra = sorted(set(record) - set(template))
-    if missing or extra:
-        return f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}"
-    for key, (shape, dtype) in template.items():
-        arr = record[key]
-        if tuple(arr.shape) != shape or arr.dtype != dtype:
-            return f"'{key}' is {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}"
-        try:
-            values = arr.numpy()
-        except Exception as err:  # a corrupt buffer fails to deserialize
-            return f"'{key}' cannot be decoded: {err}"
-        if not np.isfinite(values).all():
-            return f"'{key}' has non-finite values"
-    return None
+        templates = self.reply_templates()
+        if set(content.array_records) != set(templates):
+            return f"expected array records {sorted(templates)}, got {sorted(content.array_records)}"
+        for name, template in templates.items():
+            reason = check_arrays(content[name], template)
+            if reason:
+                return reason if name == ARRAYS else f"record '{name}': {reason}"
+        return None

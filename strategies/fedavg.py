@@ -10,8 +10,10 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.config import Config, ConfigError
-from strategies.base import NUM_EXAMPLES, AdapterStrategy
-from strategies.registry import register
+from fedpeft.records import ARRAYS
+from strategies.base import AdapterStrategy
+from strategies.registry import Capabilities, register
+from strategies.strategy_utils import clip_updates, example_weights
 
 
 class FedAvgOptions(BaseModel):
@@ -21,6 +23,7 @@ class FedAvgOptions(BaseModel):
     lora_aggregation: Literal["separate", "exact"] = Field(
         "separate", description="average LoRA A and B separately, or average B·A and re-factorize by SVD"
     )
+    clip_norm: float = Field(0.0, ge=0.0, description="if > 0, clip each client's update to this L2 norm first")
 
 
 def refactorize(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +39,7 @@ def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
     return [(k, k.replace("lora_A", "lora_B")) for k in sorted(keys) if "lora_A" in k and k.replace("lora_A", "lora_B") in keys]
 
 
-@register("fedavg")
+@register("fedavg", trainer="first_order", options=FedAvgOptions, capabilities=Capabilities())
 class FedAvgAdapter(AdapterStrategy):
     """Send the global adapter; average the returned adapters weighted by local example counts.
 
@@ -45,20 +48,31 @@ class FedAvgAdapter(AdapterStrategy):
     and sends back its best rank-r factorization instead.
     """
 
-    Options = FedAvgOptions
-
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        """Refuse exact LoRA aggregation together with a merge rule other than the mean."""
+        """Refuse exact LoRA aggregation or update clipping with a non-mean merge, and exact LoRA with user-level DP."""
         opts = cls.Options.model_validate(cfg.method.options())
-        if getattr(opts, "lora_aggregation", "separate") == "exact" and cfg.codecs.merge != "mean":
+        if getattr(opts, "clip_norm", 0.0) > 0 and cfg.codecs.merge != "mean":
+            raise ConfigError(f"method.clip_norm clips the updates of the mean: it needs codecs.merge = 'mean' "
+                              f"(got '{cfg.codecs.merge}')")
+        if getattr(opts, "lora_aggregation", "separate") != "exact":
+            return
+        if cfg.codecs.merge != "mean":
             raise ConfigError(
                 f"method.lora_aggregation = 'exact' averages B·A itself: it cannot be combined with "
                 f"codecs.merge = '{cfg.codecs.merge}' (use merge = 'mean', or lora_aggregation = 'separate')"
             )
+        if cfg.dp.user.enabled:
+            raise ConfigError(
+                "dp.user.enabled = true needs the plain mean of the clipped updates; method.lora_aggregation = 'exact' "
+                "re-factorizes mean(B·A), whose sensitivity to one client is not bounded by the clipping norm"
+            )
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted average; with exact LoRA aggregation the A/B pairs are replaced by the SVD of mean(B·A)."""
+        """Weighted average (of updates clipped to `clip_norm` if set); exact LoRA: SVD of mean(B·A) per pair."""
+        bound = getattr(self.options, "clip_norm", 0.0)
+        if bound > 0:
+            clip_updates(valid, self.reference, bound)
         arrays, metrics = super().combine(server_round, valid)
         if getattr(self.options, "lora_aggregation", "separate") == "exact" and arrays is not None:
             arrays = exact_lora(arrays, valid)
@@ -67,11 +81,10 @@ class FedAvgAdapter(AdapterStrategy):
 
 def exact_lora(arrays: ArrayRecord, valid: list[Message]) -> ArrayRecord:
     """`arrays` with every LoRA pair replaced by the rank-r SVD factors of the example-weighted mean of B·A."""
-    weights = np.array([float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for m in valid])
-    weights /= weights.sum()
+    weights = example_weights(valid)
     out = {k: arrays[k] for k in arrays}
     for ka, kb in lora_pairs(arrays):
-        mean = sum(w * (m.content["arrays"][kb].numpy() @ m.content["arrays"][ka].numpy())
+        mean = sum(w * (m.content[ARRAYS][kb].numpy() @ m.content[ARRAYS][ka].numpy())
                    for w, m in zip(weights, valid))
         b, a = refactorize(mean, arrays[ka].shape[0])
         dtype = arrays[ka].numpy().dtype  # the weights are float64: keep the adapter's own dtype

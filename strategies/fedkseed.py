@@ -21,9 +21,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedpeft.records import NUM_EXAMPLES, TRAIN_LOSS, reply_metrics
 from fedpeft.zo import DIRECTIONS, PackError, pack_scalars, replay, seed_pool, tuned_parameters, unpack_scalars
-from strategies.base import AdapterStrategy, check_metrics
-from strategies.registry import register
+from strategies.base import AdapterStrategy
+from strategies.registry import Capabilities, register
+from strategies.strategy_utils import check_metrics
 
 HISTORY_FILE = "fedkseed-history.jsonl"
 SCALARS_RECORD = "zo"
@@ -71,13 +73,18 @@ def read_history_file(path: Path, k: int) -> dict[int, tuple[np.ndarray, np.ndar
     return out
 
 
-@register("fedkseed")
+ZEROTH_ORDER = Capabilities(
+    sample_dp="its clients take zeroth-order steps, while DP-SGD needs per-sample gradients",
+    user_dp="its uploads are seeds and scalars, which Flower's DP wrappers cannot clip",
+    codecs=(),
+    codecs_why="its uploads are already seeds and scalars",
+    weighted_mean="a per-seed mean of scalars applied by replay",
+)
+
+
+@register("fedkseed", trainer="zeroth_order", options=FedKSeedOptions, capabilities=ZEROTH_ORDER)
 class FedKSeed(AdapterStrategy):
     """Seeds-and-scalars federated ZO tuning; the server's model is the global model."""
-
-    Options = FedKSeedOptions
-    client_trainer = "zeroth_order"
-    codec_directions = ()  # its uploads are already seeds and scalars
 
     @classmethod
     def effective_options(cls, cfg) -> FedKSeedOptions:
@@ -144,12 +151,12 @@ class FedKSeed(AdapterStrategy):
         total = np.zeros(self.k, dtype=np.float64)
         weight, loss = 0.0, 0.0
         for msg in valid:
-            metrics = content_metrics(msg.content)
-            w = float(metrics["num-examples"])
+            metrics = reply_metrics(msg.content)
+            w = float(metrics[NUM_EXAMPLES])
             idx, val = unpack_scalars(msg.content[SCALARS_RECORD]["scalars"], self.k)
             np.add.at(total, idx, w * val.astype(np.float64))
             weight += w
-            loss += w * float(metrics.get("train-loss", 0.0))
+            loss += w * float(metrics.get(TRAIN_LOSS, 0.0))
         if weight > 0:
             total /= weight
         idx = np.flatnonzero(total)
@@ -161,15 +168,10 @@ class FedKSeed(AdapterStrategy):
                 f.write(json.dumps({"round": server_round, "idx": idx.tolist(), "val": val.tolist()}) + "\n")
         if not valid:
             return None, None
-        return ArrayRecord(), MetricRecord({"train-loss": loss / weight, "num-examples": weight, "seeds": int(idx.size)})
+        return ArrayRecord(), MetricRecord({TRAIN_LOSS: loss / weight, NUM_EXAMPLES: weight, "seeds": int(idx.size)})
 
 
-def content_metrics(content: RecordDict) -> MetricRecord:
-    """The single MetricRecord of a reply."""
-    return next(iter(content.metric_records.values()))
-
-
-@register("fedkseed-pro")
+@register("fedkseed-pro", trainer="zeroth_order", options=FedKSeedOptions, capabilities=ZEROTH_ORDER)
 class FedKSeedPro(FedKSeed):
     """FedKSeed with history-importance seed sampling (FedKSeed-Pro)."""
 

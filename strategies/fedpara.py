@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedpeft.config import AdapterConfig, Config, ConfigError
+from fedpeft.config import AdapterConfig, Config
 from strategies.fedavg import FedAvgAdapter
-from strategies.registry import register
+from strategies.registry import Capabilities, register
+from strategies.strategy_utils import require_adapter
 
 
 class FedParaOptions(BaseModel):
@@ -29,11 +30,9 @@ def equal_bytes_loha_rank(lora_rank: int) -> int:
     return max(1, round(lora_rank / 2))
 
 
-@register("fedpara")
+@register("fedpara", trainer="first_order", options=FedParaOptions, capabilities=Capabilities())
 class FedPara(FedAvgAdapter):
     """Weighted FedAvg of LoHa factors."""
-
-    Options = FedParaOptions
 
     @classmethod
     def matched_rank(cls, lora_rank: int) -> int:
@@ -43,8 +42,7 @@ class FedPara(FedAvgAdapter):
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
         """Require a LoHa adapter; apply `match_lora_rank`."""
-        if cfg.adapter.type.lower() != "loha":
-            raise ConfigError(f"method '{cls.method_name}' needs adapter.type = 'loha' (got '{cfg.adapter.type}')")
+        require_adapter(cls.method_name, cfg, "loha")
         opts = cls.Options.model_validate(cfg.method.options())
         if opts.match_lora_rank:
             kwargs = cfg.adapter.peft_kwargs()

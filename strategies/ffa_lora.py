@@ -6,20 +6,21 @@ the LoRA tensors never cross the wire. A is the seeded initialization every proc
 
 from __future__ import annotations
 
-from fedpeft.config import Config, ConfigError
-from strategies.fedavg import FedAvgAdapter
-from strategies.registry import register
+from fedpeft.config import Config
+from strategies.fedavg import FedAvgAdapter, FedAvgOptions
+from strategies.registry import Capabilities, register
+from strategies.strategy_utils import require_adapter
 
 
-@register("ffa-lora")
+@register("ffa-lora", trainer="first_order", options=FedAvgOptions, capabilities=Capabilities())
 class FFALoRA(FedAvgAdapter):
     """FedAvg over LoRA B matrices (and the classifier head); A matrices stay at their seeded init."""
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
         """FFA-LoRA needs a LoRA adapter."""
-        if cfg.adapter.type.lower() != "lora":
-            raise ConfigError(f"method 'ffa-lora' needs adapter.type = 'lora' (got '{cfg.adapter.type}')")
+        require_adapter(cls.method_name, cfg, "lora")
+        super().validate_config(cfg)
 
     @classmethod
     def prepare_model(cls, model) -> None:

@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedpeft.config import AdapterConfig, Config, ConfigError
 from fedpeft.lowrank import assign_ranks, pad_lora, truncate_lora, truncated_shapes
-from strategies.base import AdapterStrategy, check_arrays
+from strategies.base import AdapterStrategy
 from strategies.fedavg import FedAvgAdapter, exact_lora
-from strategies.registry import register
+from strategies.registry import Capabilities, register
+from strategies.strategy_utils import check_arrays, require_adapter
 
 RANK_KEY = "lora-rank"
 
@@ -51,23 +52,23 @@ class HeteroRankOptions(BaseModel):
         return dict(sorted(v.items()))
 
 
+HETERO_RANK = Capabilities(
+    sample_dp="DP noise would fill the zero-padded rows, so a client would no longer train its tier's rank",
+    user_dp="its clients hold adapters of different ranks, while Flower's wrappers clip every update against "
+            "the one global record",
+    codecs=("up",),
+    codecs_why="downloads differ per tier in shape, which a client cannot decode against its own template",
+)
+
+
 class HeteroRankLoRA(FedAvgAdapter):
     """Per-tier rank-r slices down, zero-padded to the largest rank on arrival; FedAvg of the padded factors."""
 
-    Options = HeteroRankOptions
-    client_trainer = "hetero_rank"
-    # Downloads differ per tier in shape, which a client cannot decode against its own template.
-    codec_directions = ("up",)
-
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        """Require LoRA without DP (upload codecs with a mean merge only); set adapter.r to the largest tier rank."""
+        """Require LoRA (upload codecs with a mean merge only); set adapter.r to the largest tier rank."""
         name = cls.method_name
-        if cfg.adapter.type.lower() != "lora":
-            raise ConfigError(f"method '{name}' needs adapter.type = 'lora' (got '{cfg.adapter.type}')")
-        if cfg.dp.enabled:
-            # DP noise would fill the zero-padded rows, so a client would no longer train its tier's rank.
-            raise ConfigError(f"method '{name}' does not support dp.enabled = true")
+        require_adapter(name, cfg, "lora")
         if cfg.codecs.merge != "mean":
             # The merge rules stack updates of one shape; tiers send different ranks.
             raise ConfigError(f"method '{name}' combines per-tier ranks and needs codecs.merge = 'mean'")
@@ -155,12 +156,12 @@ class HeteroRankLoRA(FedAvgAdapter):
         return tuple({str(k): v[k] for k in sorted(v)} for v in (totals["down"], totals["up"]))
 
 
-@register("hetlora")
+@register("hetlora", trainer="hetero_rank", options=HeteroRankOptions, capabilities=HETERO_RANK)
 class HetLoRA(HeteroRankLoRA):
     """Zero-pad to the largest rank, example-weighted mean of the factors, truncate per tier."""
 
 
-@register("flexlora")
+@register("flexlora", trainer="hetero_rank", options=HeteroRankOptions, capabilities=HETERO_RANK)
 class FlexLoRA(HeteroRankLoRA):
     """Example-weighted mean of every client's B·A, re-factorized by truncated SVD (best rank-r per tier)."""
 

@@ -19,9 +19,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from pydantic import Field
 
-from fedpeft.config import Config, ConfigError
+from fedpeft.records import reply_metrics
 from strategies.fedpara import FedPara, FedParaOptions
-from strategies.registry import register
+from strategies.registry import Capabilities, register
 
 LOCAL_MARK = "hada_w2_"
 LOCAL_SET = "pfedpara-local"
@@ -39,24 +39,18 @@ def is_local(key: str) -> bool:
     return LOCAL_MARK in key
 
 
-@register("pfedpara")
+@register("pfedpara", trainer="pfedpara", options=PFedParaOptions, capabilities=Capabilities(
+    sample_dp="its DP-SGD path would train on the whole partition without the personal factor pair",
+    user_dp="its clients train a personal factor pair the server never sees, besides the global adapter",
+    client_state=True,
+))
 class PFedPara(FedPara):
     """FedAvg of the global LoHa factor pair; the personal pair stays in each client's state store."""
-
-    Options = PFedParaOptions
-    client_trainer = "pfedpara"
 
     @classmethod
     def matched_rank(cls, lora_rank: int) -> int:
         """Only one factor pair travels, so LoHa rank r sends what LoRA rank r sends."""
         return lora_rank
-
-    @classmethod
-    def validate_config(cls, cfg: Config) -> None:
-        """As FedPara; DP-SGD is not supported (its client path trains without the personal pair)."""
-        super().validate_config(cfg)
-        if cfg.dp.enabled:
-            raise ConfigError("method 'pfedpara' does not support dp.enabled = true")
 
     @classmethod
     def exchanged(cls, key: str) -> bool:
@@ -69,7 +63,7 @@ class PFedPara(FedPara):
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the global pair; keep the clients' local-test accuracies for this round's metrics."""
-        rows = [next(iter(m.content.metric_records.values())) for m in valid]
+        rows = [reply_metrics(m.content) for m in valid]
         rows = [r for r in rows if float(r.get(LOCAL_TEST, 0)) > 0]
         self.personal = {}
         if rows:

@@ -24,7 +24,7 @@ def _flwr_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A real Flower + Ray + peft simulation: pretrained MiniLM-L6 + LoRA, 10 clients, 5 per round, 3 rounds."""
-    from fedpeft.config import load
+    from fedpeft.recipe import load
     from fedpeft.simulation import simulate
 
     out = tmp_path_factory.mktemp("runs")

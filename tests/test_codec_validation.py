@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.codecs.endpoints import CODEC_RECORD, numpy_state, payload_record
 from fedpeft.codecs.wire import POS_INDEX, Writer, write_positions
-from fedpeft.config import validate
+from fedpeft.recipe import validate
 from fedpeft.ledger import message_bytes
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory

@@ -13,7 +13,8 @@ from fedpeft.codecs import Chain, CodecSpecError
 from fedpeft.codecs.endpoints import Codecs, to_record
 from fedpeft.codecs.merge import merge_updates
 from fedpeft.codecs.registry import Draw
-from fedpeft.config import ConfigError, validate
+from fedpeft.config import ConfigError
+from fedpeft.recipe import validate
 from fedpeft.state import ClientStateStore
 
 SHAPES = {"a.lora_A.weight": (4, 96), "a.lora_B.weight": (96, 4), "classifier.bias": (3,), "z.big": (40, 50)}

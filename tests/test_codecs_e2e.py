@@ -12,7 +12,7 @@ from flwr.app import Message, MessageType, RecordDict
 
 from fedpeft.adapters import adapter_state
 from fedpeft.codecs.endpoints import CODEC_RECORD, payload_record
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.ledger import record_bytes
 from fedpeft.models import build_model
 from fedpeft.simulation import simulate

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.config import ConfigError, load, validate
+from fedpeft.config import ConfigError
+
+from fedpeft.recipe import load, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.deploy.processes import pid_alive
 from fedpeft.deploy.run import deploy_recipe
 from fedpeft.deploy.wirecheck import DOWN, UP, ledger_totals

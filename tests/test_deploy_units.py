@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.data import DataError
 from fedpeft.data.nodefile import load_node_data, node_task
 from fedpeft.data.prepared import prepare

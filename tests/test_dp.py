@@ -13,12 +13,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant, RDPAccountant
 from peft import PeftModel
 
-from clients.dp import dp_step, make_private, poisson_loader, release
+from fedpeft.privacy.dpsgd import dp_step, make_private, poisson_loader, release
 from clients.first_order import FirstOrderTrainer
 from clients.runtime import ClientRuntime
-from fedpeft import dp
+from fedpeft.privacy import sample_level as dp
 from fedpeft.adapters import adapter_state, load_adapter_state
-from fedpeft.config import ConfigError, load
+from fedpeft.config import ConfigError
+from fedpeft.recipe import load
 from fedpeft.data import prepare
 from fedpeft.data.prepared import collate
 from fedpeft.evaluation import evaluate

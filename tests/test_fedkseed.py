@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.runtime import ClientRuntime
 from clients.zeroth_order import ZerothOrderTrainer
-from fedpeft.config import validate
+from fedpeft.recipe import validate
 from fedpeft.data.builtin import generate
 from fedpeft.data.prepared import PreparedTask, eval_batches, tokenize
 from fedpeft.models import build_model, load_tokenizer

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.models import build_model
 from fedpeft.simulation import simulate
 from fedpeft.zo import replay, seed_pool, tuned_parameters

@@ -12,7 +12,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters import adapter_state
-from fedpeft.config import ConfigError, load, validate
+from fedpeft.config import ConfigError
+from fedpeft.recipe import load, validate
 from fedpeft.lowrank import assign_ranks, pad_lora, truncate_lora
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory

@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters import adapter_state
-from fedpeft.config import ConfigError, validate
+from fedpeft.config import ConfigError
+from fedpeft.recipe import validate
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory
 from strategies import get_strategy_class

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.config import Config, ModelConfig, validate
+from fedpeft.config import Config, ModelConfig
+
+from fedpeft.recipe import validate
 from fedpeft.models import ModelLoadError, build_model, cached_model, embedded_model_path, load_tokenizer
 
 

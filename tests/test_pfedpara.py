@@ -15,7 +15,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.pfedpara import PFedParaTrainer
 from clients.runtime import ClientRuntime
 from fedpeft.adapters import adapter_state
-from fedpeft.config import ConfigError, validate
+from fedpeft.config import ConfigError
+from fedpeft.recipe import validate
 from fedpeft.data import open_prepared, prepare
 from fedpeft.ledger import record_bytes
 from fedpeft.models import build_model

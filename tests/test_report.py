@@ -27,7 +27,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="session")
 def real_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two real smoke simulations (LoRA and LoHa), made once per test session."""
-    from fedpeft.config import validate
+    from fedpeft.recipe import validate
     from fedpeft.simulation import simulate
 
     out = tmp_path_factory.mktemp("report-runs")

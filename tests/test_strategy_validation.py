@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters import adapter_state
-from fedpeft.config import validate
+from fedpeft.recipe import validate
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory
 from strategies import get_strategy_class

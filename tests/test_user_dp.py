@@ -16,10 +16,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedpeft.adapters import adapter_state
-from fedpeft.config import ConfigError, load, validate
+from fedpeft.config import ConfigError
+from fedpeft.recipe import load, validate
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory
-from fedpeft.userdp import UserDPStrategy, with_user_dp
+from fedpeft.privacy.user_level import UserDPStrategy, with_user_dp
 from strategies import get_strategy_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def test_server_side_clipping_applies_to_decoded_codec_uploads():
 # ----- invalid combinations ---------------------------------------------------------------------
 BAD = {
     "zeroth-order method": (['method.name="fedkseed"'], r"dp\.user\.enabled = true needs a method .*fedkseed.*seeds"),
-    "rank-heterogeneous method": (['method.name="hetlora"'], r"'hetlora' trains with the 'hetero_rank' client"),
+    "rank-heterogeneous method": (['method.name="hetlora"'], r"'hetlora' does not \(its clients hold adapters of different ranks"),
     "exact LoRA aggregation": (['method.lora_aggregation="exact"'], r"lora_aggregation = 'exact'"),
     "peft merge": (['codecs.merge="ties"'], r"codecs\.merge = 'mean' \(got 'ties'\)"),
     "client side with codecs": (['dp.user.side="client"', 'codecs.up=["delta","int8"]'], r"side = 'client'.*codecs"),

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpeft.config import load
+from fedpeft.recipe import load
 from fedpeft.deploy.local import DeployError, LocalDeployment
 from fedpeft.deploy.shards import write_shards
 from fedpeft.runconfig import APP_ROOT, NODE_WAIT_KEY, OVERRIDES_KEY, RECIPE_KEY

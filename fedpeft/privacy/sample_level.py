@@ -1,17 +1,16 @@
-"""DP-SGD planning and accounting for one client: δ, sample rate, steps, noise multiplier, ε.
+"""Sample-level DP (DP-SGD on each client): δ, sample rate, steps and noise multiplier per client.
 
-Every ε comes from Opacus's own accountants (`create_accountant`), every solved noise
-multiplier from `opacus.accountants.utils.get_noise_multiplier`.
+ε and solved noise multipliers come from `fedpeft.privacy.accounting` (Opacus's accountants).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from fedpeft.config import Config, ConfigError
+from fedpeft.privacy.accounting import add_steps, epsilon, solve_noise
 
 
 @dataclass(frozen=True)
@@ -59,24 +58,9 @@ def plan(cfg: Config, n: int, delta: float) -> ClientPlan:
     q, steps = sample_rate(cfg, n), steps_per_round(cfg, n)
     nm = cfg.dp.noise_multiplier
     if nm is None:
-        nm = solve_noise(cfg.dp.target_epsilon, delta, q, steps * expected_participations(cfg), cfg.dp.accountant)
+        nm = solve_noise(cfg.dp.target_epsilon, delta, q, steps * expected_participations(cfg), cfg.dp.accountant,
+                         "dp.target_epsilon", "raise dp.target_epsilon or reduce train.local_steps / sim.rounds")
     return ClientPlan(n=n, sample_rate=q, steps=steps, noise_multiplier=nm, delta=delta)
-
-
-@lru_cache(maxsize=256)
-def solve_noise(target_epsilon: float, delta: float, q: float, total_steps: int, accountant: str) -> float:
-    """The noise multiplier reaching (target_epsilon, delta) after `total_steps` at rate q."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=total_steps, accountant=accountant
-        ))
-    except ValueError as err:
-        raise ConfigError(
-            f"dp.target_epsilon = {target_epsilon:g} cannot be reached with δ = {delta:g}, sample rate {q:.4g} "
-            f"and {total_steps} steps ({err}); raise dp.target_epsilon or reduce train.local_steps / sim.rounds"
-        ) from None
 
 
 def check_task(cfg: Config, sizes: list[int]) -> None:
@@ -93,27 +77,17 @@ def check_task(cfg: Config, sizes: list[int]) -> None:
         plan(cfg, n, delta)
 
 
-def accountant_with(mechanism: str, history: list[Any]):
-    """An Opacus accountant holding `history` ([noise_multiplier, sample_rate, steps] entries)."""
-    from opacus.accountants import create_accountant
 
-    acc = create_accountant(mechanism=mechanism)
-    acc.history = [tuple(h) for h in history]
-    return acc
+def account_round(store, cid: int, server_round: int, plan: ClientPlan, steps: int, accountant: str) -> dict[str, Any]:
+    """Add a round's DP-SGD steps to client `cid`'s history in `store`; the reply metrics with its ε.
 
-
-def add_steps(history: list[Any], noise_multiplier: float, q: float, steps: int) -> list[list[float]]:
-    """History after `steps` more steps at (noise_multiplier, q), merged like Opacus's own `step`."""
-    out = [list(h) for h in history]
-    if out and out[-1][0] == noise_multiplier and out[-1][1] == q:
-        out[-1][2] += steps
-    elif steps > 0:
-        out.append([noise_multiplier, q, steps])
-    return out
-
-
-def epsilon(mechanism: str, history: list[Any], delta: float) -> float:
-    """ε at δ spent by `history`, from Opacus's accountant (0 before any step)."""
-    if not history:
-        return 0.0
-    return float(accountant_with(mechanism, history).get_epsilon(delta=delta))
+    Every planned step is accounted, empty Poisson draws included: the sampled Gaussian mechanism
+    ran whether or not the draw held any example.
+    """
+    state = store.load(cid)
+    history = add_steps(state.get("history", []), plan.noise_multiplier, plan.sample_rate, steps)
+    eps = epsilon(accountant, history, plan.delta)
+    store.save(cid, {"history": history, "rounds": [*state.get("rounds", []), server_round], "epsilon": eps,
+                     "delta": plan.delta, "accountant": accountant})
+    return {"epsilon": eps, "delta": plan.delta, "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate, "dp-steps": sum(int(h[2]) for h in history)}

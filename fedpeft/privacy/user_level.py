@@ -27,6 +27,8 @@ from flwr.serverapp.strategy import (
 from flwr.supercore import log
 
 from fedpeft.config import Config, ConfigError
+from fedpeft.privacy import accounting
+from fedpeft.records import reply_metrics
 from fedpeft.seeding import derive_seed
 
 # Each clipped update enters the mean with weight 1/m: the noise std σ·C/m assumes exactly that
@@ -51,65 +53,24 @@ def plan(cfg: Config) -> UserPlan:
     delta = u.delta if u.delta is not None else 1.0 / (10 * cfg.sim.num_clients)
     nm = u.noise_multiplier
     if nm is None:
-        nm = solve_noise(u.target_epsilon, delta, q, cfg.sim.rounds, u.accountant)
+        nm = accounting.solve_noise(u.target_epsilon, delta, q, cfg.sim.rounds, u.accountant,
+                                    "dp.user.target_epsilon", "raise dp.user.target_epsilon or lower sim.rounds")
     return UserPlan(noise_multiplier=nm, sample_rate=q, delta=delta, accountant=u.accountant)
-
-
-def solve_noise(target_epsilon: float, delta: float, q: float, rounds: int, accountant: str) -> float:
-    """The noise multiplier reaching (target_epsilon, delta) after `rounds` releases at client rate q."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    from fedpeft import dp
-
-    steps = max(rounds, 1)
-    why = ""
-    try:
-        nm = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
-                                        steps=steps, accountant=accountant))
-        # Opacus stops within its ε tolerance (0.01): below that a "solution" can still overshoot the target.
-        reached = dp.epsilon(accountant, [[nm, q, steps]], delta)
-        if reached <= target_epsilon:
-            return nm
-        why = f"the closest noise multiplier, {nm:g}, gives ε = {reached:.3g}"
-    except ValueError as err:
-        why = str(err)
-    raise ConfigError(
-        f"dp.user.target_epsilon = {target_epsilon:g} cannot be reached with δ = {delta:g}, client sampling "
-        f"rate {q:.4g} and {rounds} rounds ({why}); raise dp.user.target_epsilon or lower sim.rounds"
-    )
 
 
 def epsilon(p: UserPlan, releases: int) -> float:
     """User-level ε at p.delta after `releases` noised aggregates (Opacus's accountant; 0 before any)."""
-    from fedpeft import dp
-
-    return dp.epsilon(p.accountant, [[p.noise_multiplier, p.sample_rate, releases]] if releases else [], p.delta)
+    return accounting.epsilon(p.accountant, [[p.noise_multiplier, p.sample_rate, releases]] if releases else [], p.delta)
 
 
 def check_config(cfg: Config) -> None:
-    """Refuse user-level DP settings that cannot run or would not give the stated guarantee."""
+    """Refuse user-level DP settings that cannot run or would not give the stated guarantee.
+
+    What the method itself supports is checked against its declared capabilities at recipe load.
+    """
     u = cfg.dp.user
     if not u.enabled:
         return
-    from strategies import get_strategy_class
-
-    trainer = get_strategy_class(cfg.method.name).client_trainer
-    if trainer != "first_order":
-        why = {
-            "zeroth_order": "its uploads are seeds and scalars, which Flower's DP wrappers cannot clip",
-            "hetero_rank": "its clients hold adapters of different ranks, while Flower's wrappers clip every "
-                           "update against the one global record",
-        }.get(trainer, "user-level DP is supported for methods with the 'first_order' client only")
-        raise ConfigError(
-            f"dp.user.enabled = true needs a method whose clients all train and return the global adapter "
-            f"(fedavg, ffa-lora, fedpara), but method.name = '{cfg.method.name}' trains with the '{trainer}' "
-            f"client ({why})"
-        )
-    if cfg.method.options().get("lora_aggregation") == "exact":
-        raise ConfigError(
-            "dp.user.enabled = true needs the plain mean of the clipped updates; method.lora_aggregation = 'exact' "
-            "re-factorizes mean(B·A), whose sensitivity to one client is not bounded by the clipping norm"
-        )
     if cfg.codecs.merge != "mean":
         raise ConfigError(
             f"dp.user.enabled = true needs codecs.merge = 'mean' (got '{cfg.codecs.merge}'): the noise is "
@@ -152,7 +113,7 @@ class _Combine(Strategy):
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Combine replies that fedpeft already validated (and the wrapper clipped)."""
+        """Combine (the mean, before any server step) replies that fedpeft already validated and the wrapper clipped."""
         return self.strategy.combine(server_round, list(replies))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
@@ -252,13 +213,15 @@ class UserDPStrategy:
             # Flower clips position by position against the global record: same key order for every reply.
             rec = msg.content["arrays"]
             msg.content["arrays"] = ArrayRecord({k: rec[k] for k in self.keys})
-            next(iter(msg.content.metric_records.values()))[UNIFORM_KEY] = 1
+            reply_metrics(msg.content)[UNIFORM_KEY] = 1
         # Flower's wrappers draw their noise from numpy's global generator: seed it per round (determinism).
         np.random.seed(derive_seed(self.cfg.sim.seed, server_round, "user-dp-noise") % 2**32)
         arrays, metrics = self.dp.aggregate_train(server_round, valid)
-        if arrays is not None:
-            self.releases += 1
-        return arrays, metrics
+        if arrays is None:
+            return None, metrics
+        self.releases += 1
+        # A server optimizer acts on the noised mean: post-processing, so ε is unchanged.
+        return self.strategy.server_step(server_round, arrays), metrics
 
     def privacy(self) -> dict[str, float]:
         """User-level ε, δ, noise multiplier, releases so far and the current clipping bound."""

@@ -1,0 +1,50 @@
+"""What every client trainer is: the per-process runtime it trains in, and the interface the ClientApp uses."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flwr.app import Message, RecordDict
+
+from fedpeft.adapters import adapter_state
+from fedpeft.config import Config
+from fedpeft.data import PreparedTask
+from fedpeft.state import ClientStateStore, store_for
+from strategies import get_strategy_class
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+
+@dataclass
+class ClientRuntime:
+    """Per-process state shared by every client this worker runs: config, tokenized task, the one base model."""
+
+    cfg: Config
+    task: PreparedTask
+    model: "PeftModel"
+    run_dir: str | None = None
+
+
+class Trainer(ABC):
+    """The client half of a method: turns a train message into a reply, on the worker's one model.
+
+    The ClientApp and the codec wrapper (`clients.codec`) rely on exactly this: `keys` (the adapter
+    tensors that travel) and `train`.
+    """
+
+    def __init__(self, rt: ClientRuntime, method: type | None = None) -> None:
+        self.rt = rt
+        self.method = method or get_strategy_class(rt.cfg.method.name)
+        self.method.prepare_model(rt.model)
+        self.keys: frozenset[str] = frozenset(k for k in adapter_state(rt.model) if self.method.exchanged(k))
+
+    def store(self, msg: Message) -> ClientStateStore:
+        """The client state store of this message's run."""
+        return store_for(self.rt.run_dir, msg.metadata.run_id)
+
+    @abstractmethod
+    def train(self, msg: Message, cid: int) -> RecordDict:
+        """Train client `cid` from what `msg` carries; the reply's content (upload + one MetricRecord)."""

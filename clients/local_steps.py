@@ -1,0 +1,140 @@
+"""How local steps are taken: plain optimizer steps, or DP-SGD through Opacus. Both call the trainer's hooks.
+
+A trainer's hooks (`loss`, `adjust_gradients`, `after_step`) run at the same points in both: a
+method that changes the loss or the step is written once and works with and without DP-SGD.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from flwr.app import Message
+
+from fedpeft.config import TrainConfig
+from fedpeft.data.prepared import train_batches
+from fedpeft.privacy import dpsgd, sample_level
+from fedpeft.seeding import derive_seed, rng, torch_generator
+
+if TYPE_CHECKING:
+    from clients.first_order import FirstOrderTrainer
+
+
+@dataclass
+class LocalRound:
+    """One client's local training in one round: what the hooks may read and keep."""
+
+    msg: Message
+    cid: int
+    server_round: int
+    dataset: Any
+    params: list[torch.nn.Parameter]  # the trainable tensors
+    steps: int = 0  # optimizer steps taken so far
+    loss_sum: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)  # extra reply metrics (e.g. ε)
+    scratch: dict[str, Any] = field(default_factory=dict)  # what a method's hooks keep between calls
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured local optimizer over `params`."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class PlainSteps:
+    """Shuffled mini-batches and ordinary optimizer steps (optional gradient-norm clipping)."""
+
+    def __init__(self, trainer: "FirstOrderTrainer", ctx: LocalRound) -> None:
+        self.trainer, self.ctx = trainer, ctx
+        rt = trainer.rt
+        cfg = rt.cfg
+        self.batches_ = train_batches(
+            ctx.dataset, cfg.train.batch_size, rng(cfg.sim.seed, ctx.server_round, ctx.cid, "batches"),
+            rt.task.pad_token_id, steps=cfg.train.local_steps if cfg.train.local_epochs == 0 else 0,
+            epochs=cfg.train.local_epochs,
+        )
+        self.opt = make_optimizer(ctx.params, cfg.train)
+        self.model = rt.model
+
+    def run(self) -> None:
+        """Take every local step."""
+        t, ctx, clip = self.trainer, self.ctx, self.trainer.rt.cfg.train.max_grad_norm
+        device = next(self.model.parameters()).device
+        for batch in self.batches_:
+            loss = t.loss(ctx, self.model, {k: v.to(device) for k, v in batch.items()})
+            loss.backward()
+            t.adjust_gradients(ctx)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(ctx.params, clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            ctx.loss_sum += float(loss.detach())
+            ctx.steps += 1
+            t.after_step(ctx)
+
+
+class DPSteps:
+    """DP-SGD: Poisson batches, per-sample clipping and noise (Opacus); ε accounted in the client state store.
+
+    `adjust_gradients` runs on the privatized gradient (it must not read data, so it costs no privacy).
+    """
+
+    def __init__(self, trainer: "FirstOrderTrainer", ctx: LocalRound) -> None:
+        self.trainer, self.ctx = trainer, ctx
+        rt = trainer.rt
+        cfg, task = rt.cfg, rt.task
+        self.delta = sample_level.resolve_delta(cfg, [len(p) for p in task.partitions])
+        self.plan = sample_level.plan(cfg, len(ctx.dataset), self.delta)
+        seed = cfg.sim.seed
+        self.loader = dpsgd.poisson_loader(ctx.dataset, self.plan.sample_rate, task.pad_token_id,
+                                           torch_generator(seed, ctx.server_round, ctx.cid, "dp-sample"))
+        self.model = rt.model
+        self.device = next(self.model.parameters()).device
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(seed, ctx.server_round, ctx.cid, "dp-noise"))
+
+    def draws(self, steps: int) -> Iterator[dict[str, torch.Tensor] | None]:
+        """`steps` Poisson draws (None for an empty one)."""
+        done = 0
+        while done < steps:
+            for batch in self.loader:
+                if done == steps:
+                    return
+                done += 1
+                yield batch
+
+    def run(self) -> None:
+        """Take the planned DP-SGD steps (skipping empty draws, which are still accounted)."""
+        t, ctx, cfg = self.trainer, self.ctx, self.trainer.rt.cfg
+        self.model.train()  # Opacus validates that the module is in training mode
+        dp_model, opt, criterion = dpsgd.make_private(
+            self.model, make_optimizer(ctx.params, cfg.train), self.loader, cfg, self.plan.noise_multiplier,
+            self.noise_gen)
+        dp_model.train()
+        if criterion is not None and type(t).loss is not type(t).base_loss:
+            raise ValueError(f"dp.grad_sample_mode = 'ghost' computes the loss itself; trainer "
+                             f"'{type(t).__name__}' changes the loss: use grad_sample_mode = 'hooks'")
+        draws = 0
+        try:
+            with warnings.catch_warnings():
+                # Opacus's hooks over a frozen base model: harmless "Full backward hook is firing" warnings.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for batch in self.draws(self.plan.steps):
+                    draws += 1
+                    if batch is None:  # an empty draw: nothing to clip; still accounted as a step
+                        continue
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    ctx.loss_sum += dpsgd.dp_step(dp_model, opt, criterion, batch,
+                                                  loss_fn=lambda m, b: t.loss(ctx, m, b),
+                                                  adjust=lambda: t.adjust_gradients(ctx))
+                    ctx.steps += 1
+                    t.after_step(ctx)
+        finally:
+            dpsgd.release(dp_model, ctx.params)
+        ctx.metrics.update(sample_level.account_round(t.store(ctx.msg), ctx.cid, ctx.server_round, self.plan,
+                                                      draws, cfg.dp.accountant))
+
