@@ -11,7 +11,9 @@ from clients.base import Trainer
 from clients.codec import coded_train
 from clients.registry import get_trainer_class
 from clients.runtime import client_id, runtime
+from fedpeft.cluster import SERVICE_KEY, record_placement
 from fedpeft.env import quiet_libraries
+from fedpeft.records import SERVER_ROUND
 from fedpeft.nodes import CLIENT_ID_KEY
 from strategies import method_spec
 
@@ -48,7 +50,11 @@ app = ClientApp(mods=[user_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train locally with the method's client trainer and reply with its upload."""
     quiet_libraries()
-    return Message(coded_train(_trainer(context), runtime(context), msg, client_id(context)), reply_to=msg)
+    reply = Message(coded_train(_trainer(context), runtime(context), msg, client_id(context)), reply_to=msg)
+    service = context.run_config.get(SERVICE_KEY)
+    if service:  # on a Ray cluster: note which node ran this client (outside the message, so uncharged)
+        record_placement(str(service), int(msg.content["config"][SERVER_ROUND]), client_id(context))
+    return reply
 
 
 @app.query()

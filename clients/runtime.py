@@ -7,6 +7,7 @@ from functools import lru_cache
 from flwr.app import Context
 
 from clients.base import ClientRuntime
+from fedpeft.cluster import SERVICE_KEY
 from fedpeft.data.nodefile import DATA_FILE_KEY, node_task
 from fedpeft.models import cached_model
 from fedpeft.runconfig import (
@@ -28,7 +29,7 @@ def _runtime(items: tuple[tuple[str, str], ...], run_id: int, data_file: str = "
 
 def runtime(context: Context) -> ClientRuntime:
     """The runtime for this run, built on first use in this process and reused afterwards."""
-    keys = (CONFIG_KEY, TASK_KEY, RECIPE_KEY, OVERRIDES_KEY, RUN_DIR_KEY)
+    keys = (CONFIG_KEY, TASK_KEY, RECIPE_KEY, OVERRIDES_KEY, RUN_DIR_KEY, SERVICE_KEY)
     items = tuple((k, str(context.run_config[k])) for k in keys if k in context.run_config)
     data_file = str(context.node_config.get(DATA_FILE_KEY, "") or "")
     if data_file:

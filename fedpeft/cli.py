@@ -26,8 +26,12 @@ def simulate(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. simulations/default.toml")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=3e-4")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="attach to a running Ray cluster (HOST:PORT) instead of starting Ray")] = None,
 ) -> None:
     """Run a federated fine-tuning simulation from a recipe."""
+    if ray_address:
+        set_ = [*(set_ or []), f"sim.ray_address={ray_address}"]
     set_offline_env()
     quiet_libraries(verbose)
     from fedpeft.config import ConfigError

@@ -140,6 +140,7 @@ class SimConfig(_Section):
     eval_batch_size: int = Field(128, gt=0)
     object_store_mb: int = Field(256, ge=64)
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    ray_address: str = Field("", description="attach to this running Ray cluster (host:port) instead of starting Ray")
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "SimConfig":

@@ -15,6 +15,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from fedpeft.cluster import SERVICE_KEY
 from fedpeft.config import Config, ConfigError
 
 from fedpeft.recipe import load
@@ -63,6 +64,11 @@ def shared_dir(run_config: dict, run_id: int) -> Path:
 
 def task_from(run_config: dict, cfg: Config) -> PreparedTask:
     """The prepared task: the folder named in the run config, or a per-config cache built once."""
+    service = str(run_config.get(SERVICE_KEY, "") or "")
+    if service:  # on an existing Ray cluster: this machine's copy, fetched through the object store
+        from fedpeft.cluster import fetch_task
+
+        return open_prepared(fetch_task(service, cache_root()))
     given = str(run_config.get(TASK_KEY, "") or "")
     if given:
         return open_prepared(given)

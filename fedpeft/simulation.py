@@ -57,6 +57,26 @@ def ray_init_args(cfg: Config, verbose: bool) -> dict[str, Any]:
     return args
 
 
+def _ray_args(cfg: Config, verbose: bool) -> dict[str, Any]:
+    """`ray.init` arguments: attach to `sim.ray_address` when set, else start a local Ray sized for the run."""
+    if cfg.sim.ray_address:
+        from fedpeft.cluster import ray_connect_args
+
+        return ray_connect_args(cfg.sim.ray_address, verbose)
+    return ray_init_args(cfg, verbose)
+
+
+def _attach_cluster(cfg: Config, rundir: RunDir, run_config: dict):
+    """On a Ray cluster: ship the task through the object store and record placement (see fedpeft.cluster)."""
+    if not cfg.sim.ray_address:
+        return None
+    from fedpeft.cluster import SERVICE_KEY, ClusterRun
+
+    cluster = ClusterRun(rundir.task_dir)
+    run_config[SERVICE_KEY] = cluster.config_value
+    return cluster
+
+
 def simulate(cfg: Config, on_round: RoundCallback | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run one federated simulation end to end and return its summary."""
     set_offline_env()
@@ -79,12 +99,17 @@ def simulate(cfg: Config, on_round: RoundCallback | None = None, verbose: bool =
     run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()), RUN_DIR_KEY: str(rundir.path)}
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(**ray_init_args(cfg, verbose))
+        ray.init(**_ray_args(cfg, verbose))
     try:
-        _run_engine(cfg, run_config, client_app, on_round, verbose)
+        cluster = _attach_cluster(cfg, rundir, run_config)
+        try:
+            _run_engine(cfg, run_config, client_app, on_round, verbose)
+        finally:
+            if cluster is not None:
+                cluster.write_placement(rundir.path)
     finally:
         if started_ray:
-            ray.shutdown()
+            ray.shutdown()  # on a cluster: disconnects this driver; the cluster keeps running
     return rundir.summary()
 
 
