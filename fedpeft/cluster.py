@@ -11,7 +11,7 @@ beyond Ray itself; the archive is addressed by its SHA-256, so every machine tra
 byte-identical data.
 
 The same actor collects, for every client round trip, which Ray node and process ran it; the
-driver writes them to `placement.csv` in the run directory. Nothing is added to the messages,
+driver appends them to `placement.csv` in the run directory after every round. Nothing is added to the messages,
 so the ledger is unchanged.
 """
 
@@ -50,8 +50,9 @@ class RunService:
     def record(self, row: tuple) -> None:
         self.rows.append(tuple(row))
 
-    def placements(self) -> list[tuple]:
-        return list(self.rows)
+    def take(self) -> list[tuple]:
+        rows, self.rows = self.rows, []
+        return rows
 
 
 def pack_task(task_dir: Path) -> bytes:
@@ -76,7 +77,7 @@ class ClusterRun:
         # num_cpus=0: the service never takes a client slot. Not detached: it ends with the driver.
         actor = ray.remote(num_cpus=0)(RunService)
         self.actor = actor.options(name=self.name).remote(ray.put(archive))
-        ray.get(self.actor.placements.remote())  # wait until it is up
+        ray.get(self.actor.take.remote())  # wait until it is up
         self.archive_bytes = len(archive)
         _LOCAL_TASKS[self.sha] = str(task_dir)  # the driver's own ServerApp reads the folder it packed
 
@@ -84,16 +85,30 @@ class ClusterRun:
     def config_value(self) -> str:
         return f"{self.name}|{self.sha}"
 
-    def write_placement(self, run_dir: Path) -> Path:
+    def start_placement(self, run_dir: Path) -> None:
+        """Create `placement.csv` (header only); rows are appended after every round."""
+        self.placement_path = Path(run_dir) / PLACEMENT_FILE
+        with self.placement_path.open("w", newline="") as f:
+            csv.writer(f).writerow(PLACEMENT_COLUMNS)
+
+    def flush_placement(self) -> None:
+        """Append the placements collected since the last flush (every client has reported before replying)."""
         import ray
 
-        rows = sorted(ray.get(self.actor.placements.remote()))
-        path = Path(run_dir) / PLACEMENT_FILE
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(PLACEMENT_COLUMNS)
-            w.writerows(rows)
-        return path
+        rows = sorted(ray.get(self.actor.take.remote()))
+        with self.placement_path.open("a", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    def wrap(self, on_round):
+        """A round callback that first writes the round's placements (in the server thread, while Ray is up)."""
+
+        def callback(row: dict) -> None:
+            if row.get("round", 0) > 0:
+                self.flush_placement()
+            if on_round is not None:
+                on_round(row)
+
+        return callback
 
 
 @lru_cache(maxsize=4)

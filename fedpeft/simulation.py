@@ -73,6 +73,7 @@ def _attach_cluster(cfg: Config, rundir: RunDir, run_config: dict):
     from fedpeft.cluster import SERVICE_KEY, ClusterRun
 
     cluster = ClusterRun(rundir.task_dir)
+    cluster.start_placement(rundir.path)
     run_config[SERVICE_KEY] = cluster.config_value
     return cluster
 
@@ -102,14 +103,10 @@ def simulate(cfg: Config, on_round: RoundCallback | None = None, verbose: bool =
         ray.init(**_ray_args(cfg, verbose))
     try:
         cluster = _attach_cluster(cfg, rundir, run_config)
-        try:
-            _run_engine(cfg, run_config, client_app, on_round, verbose)
-        finally:
-            if cluster is not None:
-                cluster.write_placement(rundir.path)
+        _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose)
     finally:
         if started_ray:
-            ray.shutdown()  # on a cluster: disconnects this driver; the cluster keeps running
+            ray.shutdown()  # on a cluster this only disconnects the driver (Flower's backend also does)
     return rundir.summary()
 
 

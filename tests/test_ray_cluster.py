@@ -68,6 +68,13 @@ def _marked(marker: str) -> set[int]:
     return out
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -130,8 +137,11 @@ def test_simulation_runs_on_both_nodes_of_an_existing_ray_cluster(tmp_path):
             ["--address", address, "--dashboard-agent-listen-port", str(_free_port()),
              "--resources", json.dumps({"second-node": 1}), *common],
             {**env, "FEDPEFT_CACHE": str(node_cache)}, tmp_path / "node2.log"))
+        t0 = time.monotonic()
         nodes = _wait_nodes(address, 2, procs, tmp_path)
-        daemons = _tree([p.pid for p in procs])
+        print(f"cluster up in {time.monotonic() - t0:.1f} s")
+        daemons = {pid for pid in _tree([p.pid for p in procs]) if _comm(pid) in ("gcs_server", "raylet")}
+        assert len(daemons) == 3  # one GCS, a raylet per node
 
         out = tmp_path / "runs"
         cmd = [str(BIN / "fedpeft"), "simulate", str(ROOT / "simulations/smoke.toml"), "--ray-address", address,
@@ -140,6 +150,7 @@ def test_simulation_runs_on_both_nodes_of_an_existing_ray_cluster(tmp_path):
         run = subprocess.run(cmd, env={**env, "FLWR_HOME": str(tmp_path / "flwr")}, capture_output=True,
                              text=True, timeout=180, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        print(f"simulation command done at {time.monotonic() - t0:.1f} s")
 
         (run_dir,) = list(out.iterdir())
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -160,6 +171,7 @@ def test_simulation_runs_on_both_nodes_of_an_existing_ray_cluster(tmp_path):
         assert sum(1 for r in comm if r["direction"] == "up" and r["record"] == "_envelope") == 16
         # The driver left the cluster running: it did not start it, so it did not stop it.
         assert all(_alive(pid) for pid in daemons)
+        assert sorted(_wait_nodes(address, 2, procs, tmp_path)) == sorted(nodes)
     finally:
         left = _stop(procs, ray_tmp)
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
