@@ -137,9 +137,7 @@ def test_simulation_runs_on_both_nodes_of_an_existing_ray_cluster(tmp_path):
             ["--address", address, "--dashboard-agent-listen-port", str(_free_port()),
              "--resources", json.dumps({"second-node": 1}), *common],
             {**env, "FEDPEFT_CACHE": str(node_cache)}, tmp_path / "node2.log"))
-        t0 = time.monotonic()
         nodes = _wait_nodes(address, 2, procs, tmp_path)
-        print(f"cluster up in {time.monotonic() - t0:.1f} s")
         daemons = {pid for pid in _tree([p.pid for p in procs]) if _comm(pid) in ("gcs_server", "raylet")}
         assert len(daemons) == 3  # one GCS, a raylet per node
 
@@ -150,7 +148,6 @@ def test_simulation_runs_on_both_nodes_of_an_existing_ray_cluster(tmp_path):
         run = subprocess.run(cmd, env={**env, "FLWR_HOME": str(tmp_path / "flwr")}, capture_output=True,
                              text=True, timeout=180, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        print(f"simulation command done at {time.monotonic() - t0:.1f} s")
 
         (run_dir,) = list(out.iterdir())
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
