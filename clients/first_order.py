@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from clients.base import Trainer
 from clients.local_steps import DPSteps, LocalRound, PlainSteps, make_optimizer
 from clients.registry import register_trainer
+from clients.rows import ClientRows
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from fedpeft.seeding import derive_seed
@@ -26,7 +27,7 @@ class FirstOrderTrainer(Trainer):
 
     def dataset(self, cid: int):
         """The examples client `cid` trains on (its whole partition)."""
-        return self.rt.task.client_dataset(cid)
+        return ClientRows(self.rt.task, cid)
 
     def train(self, msg: Message, cid: int) -> RecordDict:
         """Train on client `cid` from the global adapter in `msg`; reply with adapter + metrics."""

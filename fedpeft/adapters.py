@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,8 +37,40 @@ def build_peft_config(adapter: AdapterConfig, task_type: str = "SEQ_CLS") -> "Pe
         raise ConfigError(f"adapter ({adapter.type}): {err}") from None
 
 
+_STATE_MAPS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _state_map(model: "PeftModel") -> dict[str, torch.Tensor] | None:
+    """peft's adapter state-dict keys → the model's own tensors behind them, or None if any key is not one.
+
+    Built once per model from `get_peft_model_state_dict` (whose values share storage with the
+    model's parameters) and reused while the model keeps the same parameters and active adapter:
+    peft's call builds the whole model's state dict, which costs more than a small adapter's copy.
+    """
+    params = list(model.parameters())
+    sig = (len(params), str(getattr(model, "active_adapter", "")))
+    cached = _STATE_MAPS.get(model)
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    from peft import get_peft_model_state_dict
+
+    by_ptr = {(p.data_ptr(), tuple(p.shape)): p for p in params}
+    mapping: dict[str, torch.Tensor] | None = {}
+    for key, value in get_peft_model_state_dict(model).items():
+        p = by_ptr.get((value.data_ptr(), tuple(value.shape)))
+        if p is None or p.dtype != value.dtype:
+            mapping = None
+            break
+        mapping[key] = p
+    _STATE_MAPS[model] = (sig, mapping)
+    return mapping
+
+
 def adapter_state(model: "PeftModel") -> dict[str, torch.Tensor]:
     """The adapter's trainable tensors (peft's own state-dict view), detached on CPU."""
+    mapping = _state_map(model)
+    if mapping is not None:
+        return {k: p.detach().cpu().clone() for k, p in mapping.items()}
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -45,13 +78,22 @@ def adapter_state(model: "PeftModel") -> dict[str, torch.Tensor]:
 
 def load_adapter_state(model: "PeftModel", state: dict[str, torch.Tensor], keys: set[str] | None = None) -> None:
     """Load adapter tensors into `model`, failing if any expected key (all, or `keys`) is missing or extra."""
-    from peft import set_peft_model_state_dict
-
-    expected = set(get_adapter_keys(model)) if keys is None else set(keys)
+    mapping = _state_map(model)
+    expected = (set(mapping) if mapping is not None else set(get_adapter_keys(model))) if keys is None else set(keys)
     got = set(state)
     if got != expected:
         missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
         raise ValueError(f"adapter keys do not match the model: missing {missing}, unexpected {extra}")
+    if mapping is not None and got <= set(mapping):
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(mapping[k].shape):
+                raise ValueError(f"adapter tensor {k} has shape {tuple(v.shape)}, the model's is {tuple(mapping[k].shape)}")
+        with torch.no_grad():
+            for k, v in state.items():
+                mapping[k].copy_(v)
+        return
+    from peft import set_peft_model_state_dict
+
     device = next(model.parameters()).device
     set_peft_model_state_dict(model, {k: v.to(device) for k, v in state.items()})
 

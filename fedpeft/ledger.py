@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
 ENVELOPE = "_envelope"
 COLUMNS = ["round", "client_id", "node_id", "direction", "message_type", "record", "bytes"]
@@ -25,29 +25,49 @@ COLUMNS = ["round", "client_id", "node_id", "direction", "message_type", "record
 
 def message_bytes(msg: Message) -> int:
     """Total bytes of `msg` as Flower serializes it (unique deflated objects)."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    with no_object_id_recompute():
+        return sum(_sizes(msg, {}).values())
 
 
-def record_bytes(msg: Message) -> dict[str, int]:
+def _sizes(obj, cache: dict[str, int]) -> dict[str, int]:
+    """Deflated size of every unique object under `obj` (post-order), keyed by object id.
+
+    `cache` maps object ids to sizes already measured: messages that share records (every
+    download of a round carries the same RecordDict) measure them once. Call inside
+    `no_object_id_recompute()` so each object id is computed once, not once per ancestor.
+    """
+    out: dict[str, int] = {}
+    for oid, o in get_all_nested_objects(obj).items():
+        size = cache.get(oid)
+        if size is None:
+            size = cache[oid] = len(o.deflate())
+        out[oid] = size
+    return out
+
+
+def record_bytes(msg: Message, cache: dict[str, int] | None = None) -> dict[str, int]:
     """Bytes of `msg` split by record name; message and RecordDict framing go to `_envelope`.
 
-    The parts add up to `message_bytes(msg)` exactly.
+    The parts add up to `message_bytes(msg)` exactly. `cache` (object id → size) may be shared
+    by the messages of one batch.
     """
-    seen: set[str] = set()
-    out: dict[str, int] = {}
-    if msg.has_content():
-        for name, record in msg.content.items():
-            total = 0
-            for oid, obj in get_all_nested_objects(record).items():
-                if oid not in seen:
-                    seen.add(oid)
-                    total += len(obj.deflate())
-            out[name] = total
-    envelope = 0
-    for oid, obj in get_all_nested_objects(msg).items():
-        if oid not in seen:
-            envelope += len(obj.deflate())
-    out[ENVELOPE] = envelope
+    cache = {} if cache is None else cache
+    with no_object_id_recompute():
+        seen: set[str] = set()
+        out: dict[str, int] = {}
+        if msg.has_content():
+            for name, record in msg.content.items():
+                total = 0
+                for oid, size in _sizes(record, cache).items():
+                    if oid not in seen:
+                        seen.add(oid)
+                        total += size
+                out[name] = total
+        envelope = 0
+        for oid, size in _sizes(msg, cache).items():
+            if oid not in seen:
+                envelope += size
+        out[ENVELOPE] = envelope
     return out
 
 
@@ -78,12 +98,15 @@ class CommLedger:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(COLUMNS)
 
-    def charge(self, msg: Message, direction: str) -> int:
-        """Record every record of `msg` for the current round; returns the message's bytes."""
+    def charge(self, msg: Message, direction: str, cache: dict[str, int] | None = None) -> int:
+        """Record every record of `msg` for the current round; returns the message's bytes.
+
+        `cache` (object id → size) may be shared by a batch of messages sent together.
+        """
         node = msg.metadata.dst_node_id if direction == "down" else msg.metadata.src_node_id
         rows = [
             LedgerRow(self.round, -1, node, direction, msg.metadata.message_type, name, size)
-            for name, size in record_bytes(msg).items()
+            for name, size in record_bytes(msg, cache).items()
         ]
         with self._lock:
             self.rows.extend(rows)
@@ -140,8 +163,9 @@ class LedgerGrid:
         if self.stop.is_set():
             raise RunInterrupted("stopped before sending")
         messages = list(messages)
+        sizes: dict[str, int] = {}  # the round's downloads share their records: each is measured once
         for m in messages:
-            self.ledger.charge(m, "down")
+            self.ledger.charge(m, "down", sizes)
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

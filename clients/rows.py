@@ -1,0 +1,54 @@
+"""A client's training rows without a per-client `datasets` selection.
+
+Every round a client's partition used to be taken with `Dataset.select` and turned back into
+Python lists by the batcher; this view reads the two columns the batchers use from lists built
+once per process. Anything else a method asks of it goes to the real selected `Dataset`
+(built on first use), so it behaves as the partition's `Dataset`.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from fedpeft.data import PreparedTask
+
+_COLUMNS = ("input_ids", "label")
+_cache: dict[int, tuple[PreparedTask, dict[str, list]]] = {}
+
+
+def _columns(task: PreparedTask) -> dict[str, list]:
+    hit = _cache.get(id(task))
+    if hit is None or hit[0] is not task:
+        if len(_cache) >= 2:
+            _cache.clear()
+        hit = _cache[id(task)] = (task, {c: list(task.train[c]) for c in _COLUMNS})
+    return hit[1]
+
+
+class ClientRows:
+    """Client `cid`'s partition of `task.train`: `len`, `rows["input_ids"]`, `rows["label"]` cheaply, the rest lazily."""
+
+    def __init__(self, task: PreparedTask, cid: int) -> None:
+        if not 0 <= cid < len(task.partitions):
+            task.client_dataset(cid)  # raises the task's own out-of-range error
+        self._task, self._cid, self._idx = task, cid, task.partitions[cid]
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def __getitem__(self, key: Any):
+        if isinstance(key, str) and key in _COLUMNS:
+            col = _columns(self._task)[key]
+            return [col[i] for i in self._idx]
+        return self.dataset[key]
+
+    @cached_property
+    def dataset(self):
+        """The partition as a `datasets.Dataset`."""
+        return self._task.client_dataset(self._cid)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
