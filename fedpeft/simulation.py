@@ -57,13 +57,31 @@ def ray_init_args(cfg: Config, verbose: bool) -> dict[str, Any]:
     return args
 
 
-def _ray_args(cfg: Config, verbose: bool) -> dict[str, Any]:
-    """`ray.init` arguments: attach to `sim.ray_address` when set, else start a local Ray sized for the run."""
+def _ray_args(cfg: Config, verbose: bool, warmup: Path | None = None) -> dict[str, Any]:
+    """`ray.init` arguments: attach to `sim.ray_address` when set, else start a local Ray sized for the run.
+
+    A local Ray gets the worker warm-up hook (`fedpeft.warmup`): workers load the client stack
+    and the model while the server prepares round 0.
+    """
     if cfg.sim.ray_address:
         from fedpeft.cluster import ray_connect_args
 
         return ray_connect_args(cfg.sim.ray_address, verbose)
-    return ray_init_args(cfg, verbose)
+    args = ray_init_args(cfg, verbose)
+    if warmup is not None:
+        from fedpeft.warmup import ENV_KEY
+
+        args["runtime_env"] = {"worker_process_setup_hook": "fedpeft.warmup.setup", "env_vars": {ENV_KEY: str(warmup)}}
+    return args
+
+
+def _warmup(cfg: Config, rundir: RunDir, num_labels: int) -> Path | None:
+    """The warm-up spec for local workers (none on a cluster: its workers may not see this path)."""
+    if cfg.sim.ray_address:
+        return None
+    from fedpeft.warmup import write_spec
+
+    return write_spec(rundir.path / ".warmup.json", cfg.to_json(), str(rundir.task_dir.resolve()), num_labels)
 
 
 def _attach_cluster(cfg: Config, rundir: RunDir, run_config: dict):
@@ -100,7 +118,7 @@ def simulate(cfg: Config, on_round: RoundCallback | None = None, verbose: bool =
     run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()), RUN_DIR_KEY: str(rundir.path)}
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(**_ray_args(cfg, verbose))
+        ray.init(**_ray_args(cfg, verbose, _warmup(cfg, rundir, task.num_labels)))
     try:
         cluster = _attach_cluster(cfg, rundir, run_config)
         _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose)
