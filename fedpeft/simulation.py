@@ -20,6 +20,7 @@ from typing import Any
 
 from fedpeft.config import Config
 from fedpeft.data import prepare
+from fedpeft.dispatch import fast_dispatch
 from fedpeft.privacy.sample_level import check_task
 from fedpeft.env import set_offline_env
 from fedpeft.nodes import NodeDirectory
@@ -121,7 +122,8 @@ def simulate(cfg: Config, on_round: RoundCallback | None = None, verbose: bool =
         ray.init(**_ray_args(cfg, verbose, _warmup(cfg, rundir, task.num_labels)))
     try:
         cluster = _attach_cluster(cfg, rundir, run_config)
-        _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose)
+        with fast_dispatch():  # one scan of pending messages per tick, not one per node (fedpeft.dispatch)
+            _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose)
     finally:
         if started_ray:
             ray.shutdown()  # on a cluster this only disconnects the driver (Flower's backend also does)
