@@ -10,7 +10,8 @@ First `fedpeft simulate` runs the recipe (whole command timed; per-round times f
 message serialization: the same clients per round (read from the run's `comm.csv`), the same
 batches from the same seeds (the project's own data preparation, `train_batches` and
 optimizer), the same local steps, the same example-weighted mean and the same server evaluation,
-on `sim.num_cpus` worker processes (2 by default) with one torch thread each. Only first-order
+on `sim.num_cpus` worker processes (2 by default) with one torch thread each, at the niceness Ray gives
+its workers (15). Only first-order
 methods without codecs or DP are reproduced (FedAvg over the whole adapter).
 
 Prints both wall times, per-round times, the ratio and the per-client overhead in ms
@@ -45,6 +46,9 @@ def _init_worker(cfg_json: str, task_dir: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # Ray runs fedpeft's client workers at niceness 15 (its `worker_niceness` default): the plain loop's
+    # workers take the same, so both compete alike with the driver and anything else on the machine.
+    os.nice(max(int(os.environ.get("RAY_worker_niceness", "15")) - os.nice(0), 0))
     quiet_libraries()
     from fedpeft.config import Config
     from fedpeft.data import open_prepared
