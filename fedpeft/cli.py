@@ -299,6 +299,31 @@ def info() -> None:
     Console().print(table)
 
 
+@app.command()
+def methods() -> None:
+    """List the registered methods and what each supports (from their registrations)."""
+    from strategies import available_methods, method_spec
+
+    table = Table(title="fedpeft methods")
+    for col in ("method", "client trainer", "sample-level DP", "user-level DP", "codecs", "aggregate", "client state"):
+        table.add_column(col)
+    for name in available_methods():
+        spec = method_spec(name)
+        caps = spec.capabilities
+
+        def cell(capability: str) -> str:
+            why = caps.refusal(capability)
+            return "yes" if why is None else f"no: {why}"
+
+        aggregate = "weighted mean" if caps.weighted_mean is True else str(caps.weighted_mean)
+        user = cell("user_dp")
+        if user == "yes" and caps.weighted_mean is not True:
+            user = f"no: its aggregate is not a mean ({aggregate})"
+        table.add_row(name, spec.trainer, cell("sample_dp"), user, ", ".join(caps.codecs) or "none",
+                      aggregate, "yes" if caps.client_state else "no")
+    Console().print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(sys.argv[1:])
