@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedpeft.config import Config, ConfigError, load
 from fedpeft.data import PreparedTask, open_prepared, prepare
+from fedpeft.data.prepared import TASK_FORMAT
 
 CONFIG_KEY = "fedpeft-config"
 TASK_KEY = "fedpeft-task"
@@ -68,7 +69,7 @@ def task_from(run_config: dict, cfg: Config) -> PreparedTask:
     root.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(
         (cfg.data.model_dump_json() + cfg.partition.model_dump_json() + cfg.model.model_dump_json()
-         + str(cfg.sim.num_clients) + str(cfg.sim.seed)).encode()
+         + str(cfg.sim.num_clients) + str(cfg.sim.seed) + f"format{TASK_FORMAT}").encode()
     ).hexdigest()[:16]
     dest = root / key
     with open(root / f"{key}.lock", "w") as lock:
