@@ -72,22 +72,22 @@ def _unexpected(err: BaseException, logged: bool) -> None:
         log = Path(name)
         write_traceback(log, err)
     if _current.verbose:
-        console.print("".join(traceback.format_exception(err)).rstrip(), markup=False, highlight=False)
-    console.print(f"[red]error:[/red] unexpected {escape(error_text(err, max_lines=3, max_chars=300))}", highlight=False)
-    console.print(f"  raised at {escape(origin(err))}", highlight=False)
+        console.print("".join(traceback.format_exception(err)).rstrip(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] unexpected {escape(error_text(err, max_lines=3, max_chars=300))}", highlight=False, soft_wrap=True)
+    console.print(f"  raised at {escape(origin(err))}", highlight=False, soft_wrap=True)
     hint = "" if _current.verbose else " (--verbose prints it here)"
-    console.print(f"  full traceback: {escape(str(log))}{hint}", highlight=False)
+    console.print(f"  full traceback: {escape(str(log))}{hint}", highlight=False, soft_wrap=True)
     if run_dir is not None:
-        console.print(f"  the run directory is marked failed: {escape(str(run_dir))}", highlight=False)
+        console.print(f"  the run directory is marked failed: {escape(str(run_dir))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
 def _expected(err: object) -> None:
     """Print an error the user can act on (config, data, model, deployment) and exit 2."""
-    console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
     if _current.run_dir is not None:
         console.print(f"  the run directory is marked failed: {escape(str(_current.run_dir))} (log: run.log)",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -111,10 +111,10 @@ def _round_status(row: dict, sent_bytes: int, totals: dict) -> str:
     status = f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  sent {sent_bytes / MB:.2f} MB"
     failed, rejected = round_failures(row)
     totals["bad"] = totals.get("bad", 0) + failed + rejected
-    if failed or rejected:
+    if totals["bad"]:  # once a reply has failed or been rejected, every round shows its count
         status += f"  [yellow]failed/rejected {failed}/{rejected}[/yellow]"
-    if totals["bad"] and totals["bad"] != failed + rejected:
-        status += f" ({totals['bad']} in all)"
+        if totals["bad"] != failed + rejected:
+            status += f" ({totals['bad']} in the run)"
     return status
 
 
@@ -129,8 +129,6 @@ def simulate(
     set_offline_env()
     quiet_libraries(verbose)
     from fedpeft.config import ConfigError, load
-    from fedpeft.data import DataError
-    from fedpeft.models import ModelLoadError
 
     try:
         cfg = load(recipe, set_ or [])
@@ -161,15 +159,31 @@ def simulate(
 
         try:
             summary = run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=_started)
-        except (ConfigError, DataError, ModelLoadError) as err:
-            _expected(err)
-        except KeyboardInterrupt:
-            where = f" ({_current.run_dir})" if _current.run_dir else ""
-            console.print(f"[yellow]interrupted[/yellow]: rounds completed so far are in the run directory{where}")
-            raise typer.Exit(130) from None
-        except Exception as err:
-            _unexpected(err, logged=_current.run_dir is not None)
+        except BaseException as err:  # reported below, once the progress display has stopped
+            failure = err
+        else:
+            failure = None
+    if isinstance(failure, KeyboardInterrupt):
+        where = f" ({_current.run_dir})" if _current.run_dir else ""
+        console.print(f"[yellow]interrupted[/yellow]: rounds completed so far are in the run directory{where}")
+        raise typer.Exit(130)
+    _run_failed(failure)
     _print_summary(summary)
+
+
+def _run_failed(failure: BaseException | None, label: str = "") -> None:
+    """Report a simulation's error (if any) and exit: 2 for an expected one, 1 for anything else."""
+    from fedpeft.config import ConfigError
+    from fedpeft.data import DataError
+    from fedpeft.models import ModelLoadError
+
+    if failure is None:
+        return
+    if isinstance(failure, (ConfigError, DataError, ModelLoadError)):
+        _expected(f"{label}{failure}")
+    if isinstance(failure, Exception):
+        _unexpected(failure, logged=_current.run_dir is not None)
+    raise failure
 
 
 def _print_summary(s: dict) -> None:
@@ -269,8 +283,6 @@ def compare(
     set_offline_env()
     quiet_libraries(verbose)
     from fedpeft.config import ConfigError, load
-    from fedpeft.data import DataError
-    from fedpeft.models import ModelLoadError
     from fedpeft.report import ReportError, make_report
 
     if not 0 < target_accuracy <= 1:
@@ -300,13 +312,14 @@ def compare(
 
             try:
                 summary = run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=_started)
-            except (ConfigError, DataError, ModelLoadError) as err:
-                _expected(f"{recipes[i - 1]}: {err}")
-            except KeyboardInterrupt:
-                console.print("[yellow]interrupted[/yellow]: finished runs are in " + ", ".join(map(str, run_dirs)))
-                raise typer.Exit(130) from None
-            except Exception as err:
-                _unexpected(err, logged=_current.run_dir is not None)
+            except BaseException as err:  # reported below, once the progress display has stopped
+                failure = err
+            else:
+                failure = None
+        if isinstance(failure, KeyboardInterrupt):
+            console.print("[yellow]interrupted[/yellow]: finished runs are in " + ", ".join(map(str, run_dirs)))
+            raise typer.Exit(130)
+        _run_failed(failure, label=f"{recipes[i - 1]}: ")
         run_dirs.append(Path(summary["run_dir"]))
         rejected = f", {summary['rejected']} replies rejected" if summary.get("rejected") else ""
         console.print(f"  → {summary['run_dir']}: final accuracy {summary['final_accuracy']:.4f}, "

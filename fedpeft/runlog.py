@@ -134,13 +134,28 @@ def _package_root() -> Path:
 
 
 def _short(filename: str) -> str:
+    """A file name relative to the working directory, fedpeft's folder, site-packages or the standard library."""
+    import sysconfig
+
     p = Path(filename)
-    for base in (Path.cwd(), _package_root()):
+    paths = sysconfig.get_paths()
+    for base in (paths.get("purelib"), paths.get("platlib"), paths.get("stdlib"), Path.cwd(), _package_root()):
+        if not base:
+            continue
         try:
-            return str(p.resolve().relative_to(base.resolve()))
-        except ValueError:
+            return str(p.resolve().relative_to(Path(base).resolve()))
+        except (ValueError, OSError):
             continue
     return filename
+
+
+def _is_own(filename: str) -> bool:
+    root = _package_root()
+    try:
+        rel = Path(filename).resolve().relative_to(root)
+    except (ValueError, OSError):
+        return False
+    return rel.parts[:1] in (("fedpeft",), ("clients",), ("strategies",))
 
 
 def origin(err: BaseException) -> str:
@@ -150,9 +165,8 @@ def origin(err: BaseException) -> str:
         return "(no traceback)"
     last = frames[-1]
     where = f"{_short(last.filename)}:{last.lineno} in {last.name}"
-    root = str(_package_root())
-    if not last.filename.startswith(root) or "site-packages" in last.filename:
-        own = [f for f in frames if f.filename.startswith(root) and "site-packages" not in f.filename]
+    own = [f for f in frames if _is_own(f.filename)]
+    if not _is_own(last.filename):
         if own:
             where += f" (called from {_short(own[-1].filename)}:{own[-1].lineno} in {own[-1].name})"
     return where

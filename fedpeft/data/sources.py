@@ -95,7 +95,9 @@ def _standardize(splits: DatasetDict, cfg: DataConfig, seed: int) -> RawTask:
         for col in (cfg.text_column, cfg.label_column):
             if col not in ds.column_names:
                 raise DataError(f"column '{col}' not in the {name} split (columns: {', '.join(ds.column_names)})")
-    if test is None:
+        _keys(ds, cfg, name)  # every label readable; row numbers are the file's, before any split
+    split_off = test is None
+    if split_off:
         parts = train.train_test_split(test_size=cfg.test_fraction, seed=derive_seed(seed, "test-split") % 2**32)
         train, test = parts["train"], parts["test"]
     if len(test) > cfg.max_test_examples:
@@ -103,7 +105,7 @@ def _standardize(splits: DatasetDict, cfg: DataConfig, seed: int) -> RawTask:
     train_keys = _keys(train, cfg, "train")
     names, mapping = _label_mapping(train, train_keys, cfg)
     train = _encode(train, train_keys, cfg, names, mapping, "train")
-    test = _encode(test, _keys(test, cfg, "test"), cfg, names, mapping, "test")
+    test = _encode(test, _keys(test, cfg, "test"), cfg, names, mapping, "test", split_off)
     return RawTask(train, test, names)
 
 
@@ -136,7 +138,7 @@ def _keys(ds: Dataset, cfg: DataConfig, split: str) -> list[str]:
         try:
             out.append(label_key(value, feature))
         except DataError as err:
-            raise DataError(f"column '{cfg.label_column}', {split} split, row {row + 1}: {err}") from None
+            raise DataError(f"column '{cfg.label_column}', {split} split, data row {row + 1}: {err}") from None
     return out
 
 
@@ -166,25 +168,27 @@ def _label_mapping(train: Dataset, keys: list[str], cfg: DataConfig) -> tuple[li
 
 
 def _encode(ds: Dataset, keys: list[str], cfg: DataConfig, names: list[str], mapping: dict[str, int],
-            split: str) -> Dataset:
+            split: str, split_off: bool = False) -> Dataset:
     """`ds` with a string `text` column, an int64 `label` column (class index) and its other columns."""
     text_col, label_col = cfg.text_column, cfg.label_column
     raw_values = ds[label_col]
     labels = []
-    for row, (key, value) in enumerate(zip(keys, raw_values)):
+    for key, value in zip(keys, raw_values):
         idx = mapping.get(key, mapping.get(str(value)))
         if idx is None:
             if cfg.label_map:
-                raise DataError(f"label {key!r} (column '{label_col}', {split} split, row {row + 1}) is not in "
+                raise DataError(f"label {key!r} (column '{label_col}', {split} split) is not in "
                                 f"the label mapping data.label_map (keys: {', '.join(map(repr, cfg.label_map))})")
-            raise DataError(f"label {key!r} occurs in the {split} split (column '{label_col}', row {row + 1}) but not "
-                            f"in the training split, whose classes are {names}: add training rows with it, drop it "
-                            "from the test data, or map it with data.label_map")
+            fix = ("it is too rare to land in both parts of the seeded data.test_fraction split: add rows with it, "
+                   "or map it with data.label_map") if split_off else (
+                   "add training rows with it, drop it from the test data, or map it with data.label_map")
+            raise DataError(f"label {key!r} occurs in the {split} split (column '{label_col}') but not in the "
+                            f"training split, whose classes are {names}: {fix}")
         labels.append(idx)
     texts = ds[text_col]
     if any(not isinstance(t, str) for t in texts):
         bad = next(i for i, t in enumerate(texts) if not isinstance(t, str))
-        raise DataError(f"column '{text_col}' must hold strings ({split} split, row {bad + 1}: {texts[bad]!r})")
+        raise DataError(f"column '{text_col}' must hold strings ({split} split: {texts[bad]!r})")
     keep = [c for c in ds.column_names if c not in (text_col, label_col, "text", "label")]
     # Built with explicit types: a map() whose output column has the input's name ("label" ->
     # "label") keeps the input's feature type, so string labels would stay strings.

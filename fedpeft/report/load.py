@@ -64,7 +64,7 @@ def load_run(path: str | Path) -> Run:
     status = read_status(p)
     why = describe_status(status)
     if why and not _has_rounds(p / METRICS_FILE):
-        raise ReportError(f"{p}: the run {why}. No round was recorded, so there is nothing to report.")
+        raise ReportError(f"{p}: the run {why}; there is nothing to report.")
     metrics = _read_metrics(p / METRICS_FILE)
     ledger = _read_ledger(p / COMM_FILE)
     # summary.json and config.toml are optional on their own: an interrupted run has no
