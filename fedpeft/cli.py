@@ -61,7 +61,7 @@ def _unexpected(err: BaseException, logged: bool) -> None:
     from fedpeft.runlog import error_text, origin, write_traceback
 
     run_dir = _current.run_dir
-    if run_dir is not None and (run_dir / "run.log").parent.is_dir():
+    if run_dir is not None and run_dir.is_dir():
         log = run_dir / "run.log"
         if not logged:
             write_traceback(log, err, header=f"fedpeft {' '.join(sys.argv[1:])}: unexpected error")
@@ -77,15 +77,21 @@ def _unexpected(err: BaseException, logged: bool) -> None:
     console.print(f"  raised at {escape(origin(err))}", highlight=False, soft_wrap=True)
     hint = "" if _current.verbose else " (--verbose prints it here)"
     console.print(f"  full traceback: {escape(str(log))}{hint}", highlight=False, soft_wrap=True)
-    if run_dir is not None:
+    if run_dir is not None and _marked_failed(run_dir):
         console.print(f"  the run directory is marked failed: {escape(str(run_dir))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _marked_failed(run_dir: Path) -> bool:
+    from fedpeft.rundir import read_status
+
+    return read_status(run_dir).get("status") == "failed"
 
 
 def _expected(err: object) -> None:
     """Print an error the user can act on (config, data, model, deployment) and exit 2."""
     console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-    if _current.run_dir is not None:
+    if _current.run_dir is not None and _marked_failed(_current.run_dir):
         console.print(f"  the run directory is marked failed: {escape(str(_current.run_dir))} (log: run.log)",
                       highlight=False, soft_wrap=True)
     raise typer.Exit(2)

@@ -158,9 +158,10 @@ def read_status(path: Path) -> dict[str, Any]:
             raise ValueError
     except (OSError, ValueError):
         return {"status": "completed" if (path / SUMMARY_FILE).is_file() else "unknown"}
+    doc = {**doc, "log": LOG_FILE if (path / LOG_FILE).is_file() else None}
     if doc["status"] == "running" and doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int):
         if not _alive(doc["pid"]):
-            doc = {**doc, "status": "stopped"}
+            doc["status"] = "stopped"
     return doc
 
 
@@ -169,13 +170,14 @@ def describe_status(doc: dict[str, Any]) -> str | None:
     status = doc.get("status")
     last = doc.get("last_round")
     upto = f" after round {last}" if last is not None else " before round 0 was recorded"
+    see = f"; see its {doc['log']}" if doc.get("log") else ""
     if status == "failed":
         where = f" (raised at {doc['where']})" if doc.get("where") else ""
-        return f"failed{upto}: {doc.get('error', 'unknown error')}{where}; see its {LOG_FILE}"
+        return f"failed{upto}: {doc.get('error', 'unknown error')}{where}{see}"
     if status == "interrupted":
         return f"was interrupted (Ctrl-C){upto}"
     if status == "stopped":
-        return f"stopped{upto} without recording why (its process {doc.get('pid')} is gone: killed?); see its {LOG_FILE}"
+        return f"stopped{upto} without recording why (its process {doc.get('pid')} is gone: killed?){see}"
     if status == "running":
         return f"is still running (process {doc.get('pid')} on {doc.get('host')}){upto}"
     return None

@@ -185,6 +185,7 @@ def error_text(err: BaseException, max_lines: int = 4, max_chars: int = 400) -> 
     return f"{name}: {cut}" if cut else name
 
 
+_CLIENT_APP_RAISED = "Exception ClientAppException occurred. Message:"
 _FLOWER_ERROR = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'?(.*)", re.S)
 
 
@@ -196,8 +197,12 @@ def reason_group(reason: str) -> str:
         prefix, text = "client failed: ", text[len("client failed:"):].strip()
     m = _FLOWER_ERROR.match(text)
     if m:  # Flower's error reason for an exception in a ClientApp or a dead worker: "<class 'x.Y'>:<'msg'>"
-        text = f"{m.group(1)}: {m.group(2)}"
-    first = text.splitlines()[0].strip().rstrip("'>").strip() if text else ""
+        name, msg = m.group(1), m.group(2).strip()
+        if msg.startswith(_CLIENT_APP_RAISED):  # the ClientApp raised: Flower keeps only str(exception)
+            name, msg = "the ClientApp raised", msg[len(_CLIENT_APP_RAISED):].strip()
+        text = f"{name}: {msg}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0].rstrip("'>").strip() if lines else ""
     if len(first) > 120:
         first = first[:117] + "…"
     return prefix + first

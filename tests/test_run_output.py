@@ -34,7 +34,7 @@ def _simulate_args(out: Path, *sets: str) -> list[str]:
 
 
 def _text_label_csv(path: Path) -> Path:
-    rows = [f"the soup was cold and bland,food.negative", "the battery lasts for days,tech.positive",
+    rows = ["the soup was cold and bland,food.negative", "the battery lasts for days,tech.positive",
             "the screen cracked in a week,tech.negative", "the pasta was delicious,food.positive"]
     path.write_text("text,label\n" + "\n".join(rows[i % 4] for i in range(32)) + "\n")
     return path
@@ -187,3 +187,25 @@ def test_a_dead_worker_is_logged_to_run_log_not_over_the_progress_display(tmp_pa
     log = (run_dir / "run.log").read_text()
     assert "ActorDiedError" in log and f"pid: {killed}" in log.lower() and "ERROR flwr" in log
     assert read_status(run_dir)["status"] == "completed"
+
+
+def test_rejection_reasons_are_counted_together_across_clients():
+    from fedpeft.runlog import group_rejections
+
+    # Reasons as strategies record them: Flower's error reason for a raising ClientApp or a dead
+    # worker (exception class, then the message with per-actor details), and validation failures.
+    died = ("client failed: <class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing "
+            "this task.\n\tclass_name: ClientAppActor\n\tpid: {}'>")
+    rows = [
+        {"round": 1, "rejections": [{"client_id": 0, "reason": died.format(11)},
+                                    {"client_id": 3, "reason": "client failed: <class 'flwr.clientapp.client_app.ClientAppException'>:<'"
+                                                                "\nException ClientAppException occurred. Message: boom'>"}]},
+        {"round": 2, "rejections": [{"client_id": 1, "reason": died.format(12)},
+                                    {"client_id": 2, "reason": "array 'x' has shape (2,), expected (3,)"}]},
+        {"round": 3},
+    ]
+    assert group_rejections(rows) == [
+        ("client failed: ActorDiedError: The actor died unexpectedly before finishing this task.", 2, [0, 1]),
+        ("client failed: the ClientApp raised: boom", 1, [3]),
+        ("array 'x' has shape (2,), expected (3,)", 1, [2]),
+    ]
