@@ -47,8 +47,13 @@ def model_location(cfg: ModelConfig) -> str:
 
 
 def _from_pretrained(loader, location: str, cfg: ModelConfig, **kwargs):
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(location, **kwargs)
+    except SafetensorError as err:  # a truncated or damaged weights file
+        raise ModelLoadError(f"cannot load model from '{location}': its weights file is damaged or incomplete "
+                             f"({err}); copy or download the model again") from None
     except OSError as err:
         if cfg.source == "hub":
             raise ModelLoadError(
@@ -98,7 +103,11 @@ def build_model(cfg: Config, num_labels: int) -> "PeftModel":
     from peft import get_peft_model
 
     base = load_base_model(cfg, num_labels)
-    return get_peft_model(base, build_peft_config(cfg.adapter))
+    peft_cfg = build_peft_config(cfg.adapter)
+    try:
+        return get_peft_model(base, peft_cfg)
+    except ValueError as err:  # peft's way of saying the adapter does not fit this model (e.g. target_modules)
+        raise ModelLoadError(f"adapter '{cfg.adapter.type}' cannot be applied to the model: {err}") from None
 
 
 @lru_cache(maxsize=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ METRICS_FILE = "metrics.jsonl"
 COMM_FILE = "comm.csv"
 PRIVACY_FILE = "privacy.csv"
 SUMMARY_FILE = "summary.json"
+STATUS_FILE = "status.json"
+LOG_FILE = "run.log"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 TASK_DIR = "data"
@@ -47,9 +50,15 @@ class RunDir:
         rd = cls(path)
         # exclude_none: TOML has no null (unset optional keys such as dp.delta stay unset)
         rd.write_text(CONFIG_FILE, tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+        rd.write_status("running", pid=os.getpid(), host=socket.gethostname())
         return rd
 
     # ----- paths ----------------------------------------------------------------------------
+    @property
+    def log_file(self) -> Path:
+        """Flower's and Ray's log lines and the traceback of an error (`run.log`)."""
+        return self.path / LOG_FILE
+
     @property
     def comm_csv(self) -> Path:
         """The communication ledger."""
@@ -85,8 +94,20 @@ class RunDir:
             f.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """Write the run summary."""
+        """Write the run summary; the run is then complete."""
         self.write_text(SUMMARY_FILE, json.dumps(summary, indent=2))
+        self.write_status("completed")
+
+    def write_status(self, status: str, **fields: Any) -> None:
+        """Record where the run stands in `status.json`: running, completed, failed or interrupted."""
+        rounds = [r.get("round") for r in self.metrics()]
+        doc = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "last_round": max(rounds) if rounds else None, **fields}
+        self.write_text(STATUS_FILE, json.dumps(doc, indent=2))
+
+    def mark_failed(self, error: str, where: str = "", expected: bool = False) -> None:
+        """Record that the run stopped on an error (the traceback, if any, is in run.log)."""
+        self.write_status("failed", error=error, where=where, expected=expected, log=LOG_FILE)
 
     def save_adapter(self, model: "PeftModel", dest: Path) -> None:
         """Save the model's adapter with peft (`PeftModel.from_pretrained` reloads it), atomically."""
@@ -118,3 +139,55 @@ class RunDir:
     def summary(self) -> dict[str, Any]:
         """The run summary."""
         return json.loads((self.path / SUMMARY_FILE).read_text())
+
+    def status(self) -> dict[str, Any]:
+        """The run's status record; for a run directory from before status.json, inferred from its files."""
+        return read_status(self.path)
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """`status.json` of a run directory, or {"status": "completed"|"unknown"} when it has none.
+
+    A run recorded as running whose process is gone (same host, no such pid) is reported as
+    `status = "stopped"`: it ended without recording why (killed, or the machine went down).
+    """
+    path = Path(path)
+    try:
+        doc = json.loads((path / STATUS_FILE).read_text())
+        if not isinstance(doc, dict) or "status" not in doc:
+            raise ValueError
+    except (OSError, ValueError):
+        return {"status": "completed" if (path / SUMMARY_FILE).is_file() else "unknown"}
+    doc = {**doc, "log": LOG_FILE if (path / LOG_FILE).is_file() else None}
+    if doc["status"] == "running" and doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int):
+        if not _alive(doc["pid"]):
+            doc["status"] = "stopped"
+    return doc
+
+
+def describe_status(doc: dict[str, Any]) -> str | None:
+    """A sentence about a run that did not complete (None when it completed or nothing is known)."""
+    status = doc.get("status")
+    last = doc.get("last_round")
+    upto = f" after round {last}" if last is not None else " before round 0 was recorded"
+    see = f"; see its {doc['log']}" if doc.get("log") else ""
+    if status == "failed":
+        where = f" (raised at {doc['where']})" if doc.get("where") else ""
+        return f"failed{upto}: {doc.get('error', 'unknown error')}{where}{see}"
+    if status == "interrupted":
+        return f"was interrupted (Ctrl-C){upto}"
+    if status == "stopped":
+        return f"stopped{upto} without recording why (its process {doc.get('pid')} is gone: killed?){see}"
+    if status == "running":
+        return f"is still running (process {doc.get('pid')} on {doc.get('host')}){upto}"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -124,6 +124,7 @@ def run_server(
 
     strategy.export(model, rundir)
     summary = _summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
+    summary["label_names"] = list(task.label_names)
     summary.update(privacy.summary())
     summary.update(strategy.run_metrics(ledger, rows))
     if cfg.dp.user.enabled:

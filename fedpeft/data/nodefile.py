@@ -9,25 +9,31 @@ of the run's task, so every node and the server agree on what label k means.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 
 from fedpeft.config import Config
 from fedpeft.data.prepared import PreparedTask, tokenize
-from fedpeft.data.sources import DataError, _first_split, _load_path
+from fedpeft.data.sources import DataError, _first_split, _load_path, label_key
 
 DATA_FILE_KEY = "data-file"
 
 
-def label_index(value: object, label_names: list[str], label_map: dict[str, int] | None) -> int:
-    """The class index of a raw label value: through `label_map`, else by class name, else as an index."""
-    key = str(value)
+def label_index(value: object, label_names: list[str], label_map: dict[str, int] | None, feature: Any = None) -> int:
+    """The class index of a raw label value: through `label_map`, else by class name, else as an index.
+
+    The value is read as `data.source = "file"` reads it (`label_key`): class names of a `ClassLabel`
+    column, integers as digits, booleans as `false` / `true`.
+    """
+    key = label_key(value, feature)
     if label_map:
-        if key in label_map:
-            return int(label_map[key])
+        for k in (key, str(value)):
+            if k in label_map:
+                return int(label_map[k])
     elif key in label_names:
         return label_names.index(key)
-    elif key.lstrip("-").isdigit() and 0 <= int(key) < len(label_names):
+    elif key.isdigit() and int(key) < len(label_names):
         return int(key)
     raise DataError(f"label {value!r} is not one of the run's classes {label_names}")
 
@@ -48,8 +54,12 @@ def load_node_data(path: str, cfg: Config, label_names: list[str]) -> Dataset:
     texts = ds[text_col]
     if any(not isinstance(t, str) for t in texts):
         raise DataError(f"{path}: column '{text_col}' must hold strings")
-    labels = [label_index(v, label_names, label_map) for v in ds[label_col]]
-    plain = Dataset.from_dict({"text": texts, "label": labels})
+    feature = ds.features[label_col]
+    try:
+        labels = [label_index(v, label_names, label_map, feature) for v in ds[label_col]]
+    except DataError as err:
+        raise DataError(f"{path}: column '{label_col}': {err}") from None
+    plain = Dataset.from_dict({"text": texts, "label": labels}, features=Features({"text": Value("string"), "label": Value("int64")}))
     return tokenize(plain, load_tokenizer(cfg.model), cfg.model.max_length).select_columns(["input_ids", "label"])
 
 

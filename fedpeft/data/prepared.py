@@ -18,6 +18,9 @@ from fedpeft.data.sources import DataError, load_raw
 from fedpeft.seeding import rng
 
 META_FILE = "task.json"
+# Bumped when what `prepare` writes changes, so caches keyed by the config are not reused across it
+# (2: labels are always int64 class indices, whatever the source column's type was).
+TASK_FORMAT = 2
 
 
 @dataclass
@@ -80,7 +83,7 @@ def prepare(cfg: Config, out_dir: Path) -> PreparedTask:
     out_dir.mkdir(parents=True, exist_ok=True)
     train.save_to_disk(str(out_dir / "train"))
     test.save_to_disk(str(out_dir / "test"))
-    meta = {"label_names": raw.label_names, "partitions": parts, "pad_token_id": tok.pad_token_id or 0}
+    meta = {"format": TASK_FORMAT, "label_names": raw.label_names, "partitions": parts, "pad_token_id": tok.pad_token_id or 0}
     (out_dir / META_FILE).write_text(json.dumps(meta))
     return open_prepared(str(out_dir))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from fedpeft.ledger import COLUMNS
 from fedpeft.ledger import LedgerRow as LedgerRecord  # the ledger's own row type, read back
-from fedpeft.rundir import COMM_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from fedpeft.rundir import COMM_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
 
 DIRECTIONS = ("down", "up")
 
@@ -31,6 +31,12 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def incomplete(self) -> str | None:
+        """Why the run did not complete (failed, interrupted, …), or None."""
+        return describe_status(self.status)
 
     @property
     def label(self) -> str:
@@ -55,6 +61,10 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(f"run directory not found: {p}")
     if not p.is_dir():
         raise ReportError(f"not a run directory (a file, not a folder): {p}")
+    status = read_status(p)
+    why = describe_status(status)
+    if why and not _has_rounds(p / METRICS_FILE):
+        raise ReportError(f"{p}: the run {why}; there is nothing to report.")
     metrics = _read_metrics(p / METRICS_FILE)
     ledger = _read_ledger(p / COMM_FILE)
     # summary.json and config.toml are optional on their own: an interrupted run has no
@@ -63,7 +73,7 @@ def load_run(path: str | Path) -> Run:
     config = _read_toml(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {}
     if not summary and not config:
         raise ReportError(f"{p}: neither {SUMMARY_FILE} nor {CONFIG_FILE} is present, so the method and adapter are unknown")
-    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config)
+    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status)
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -85,6 +95,13 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     if len({r.label for r in runs}) < len(runs):
         raise ReportError("run directories with the same name in same-named folders: " + ", ".join(map(str, paths)))
     return runs
+
+
+def _has_rounds(path: Path) -> bool:
+    try:
+        return any(line.strip() for line in path.read_text().splitlines())
+    except OSError:
+        return False
 
 
 def _missing(path: Path) -> ReportError:

@@ -60,7 +60,8 @@ def headline(s: RunStats) -> list[tuple[str, str]]:
     """The headline numbers of one run as (label, text) pairs."""
     ref = s.full_model_fedavg_bytes
     ratio = s.full_model_ratio
-    return [
+    status = [("status", f"the run {s.incomplete}: figures cover the rounds it recorded")] if s.incomplete else []
+    return status + [
         ("method / adapter", f"{s.method} / {s.adapter}"),
         ("codecs", s.codecs or DASH),
         ("rounds / participations", f"{s.rounds[-1].round} / {s.participations}"),

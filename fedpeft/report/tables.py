@@ -76,6 +76,7 @@ class RunStats:
     epsilon: float | None
     wall_s: float | None
     num_clients: int | None = None
+    incomplete: str | None = None  # why the run did not complete (failed, interrupted, …)
     rounds: list[RoundStats] = field(default_factory=list)
     clients: list[ClientStats] = field(default_factory=list)
 
@@ -151,7 +152,7 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         epsilon=eps[-1] if eps else None,
         wall_s=float(wall) if isinstance(wall, (int, float)) else None,
         num_clients=_opt_int(run.config.get("sim", {}).get("num_clients", run.summary.get("num_clients"))),
-        rounds=rounds, clients=clients,
+        incomplete=run.incomplete, rounds=rounds, clients=clients,
     )
 
 
