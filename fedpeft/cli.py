@@ -124,6 +124,22 @@ def _round_status(row: dict, sent_bytes: int, totals: dict) -> str:
     return status
 
 
+def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool) -> tuple[dict | None, BaseException | None]:
+    """Run one simulation with a progress task per round; (summary, None) or (None, the exception it raised)."""
+    task = progress.add_task("rounds", total=cfg.sim.rounds, status="preparing data and workers…")
+    sent = {"bytes": 0}
+    totals: dict = {}
+
+    def on_round(row: dict) -> None:
+        sent["bytes"] += row["bytes_down"] + row["bytes_up"]
+        progress.update(task, completed=row["round"], status=_round_status(row, sent["bytes"], totals))
+
+    try:
+        return run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=_started), None
+    except BaseException as err:  # reported by the caller, once the progress display has stopped
+        return None, err
+
+
 @app.command()
 @_guarded
 def simulate(
@@ -156,20 +172,7 @@ def simulate(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("rounds", total=cfg.sim.rounds, status="preparing data and workers…")
-        sent = {"bytes": 0}
-        totals: dict = {}
-
-        def on_round(row: dict) -> None:
-            sent["bytes"] += row["bytes_down"] + row["bytes_up"]
-            progress.update(task, completed=row["round"], status=_round_status(row, sent["bytes"], totals))
-
-        try:
-            summary = run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=_started)
-        except BaseException as err:  # reported below, once the progress display has stopped
-            failure = err
-        else:
-            failure = None
+        summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose)
     if isinstance(failure, KeyboardInterrupt):
         where = f" ({_current.run_dir})" if _current.run_dir else ""
         console.print(f"[yellow]interrupted[/yellow]: rounds completed so far are in the run directory{where}")
@@ -310,20 +313,7 @@ def compare(
         with _pinned_console(), Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(),
                                          TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                                          console=console) as progress:
-            task = progress.add_task("rounds", total=cfg.sim.rounds, status="preparing data and workers…")
-            sent = {"bytes": 0}
-            totals: dict = {}
-
-            def on_round(row: dict, task=task, progress=progress, sent=sent, totals=totals) -> None:
-                sent["bytes"] += row["bytes_down"] + row["bytes_up"]
-                progress.update(task, completed=row["round"], status=_round_status(row, sent["bytes"], totals))
-
-            try:
-                summary = run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=_started)
-            except BaseException as err:  # reported below, once the progress display has stopped
-                failure = err
-            else:
-                failure = None
+            summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose)
         if isinstance(failure, KeyboardInterrupt):
             console.print("[yellow]interrupted[/yellow]: finished runs are in " + ", ".join(map(str, run_dirs)))
             raise typer.Exit(130)
