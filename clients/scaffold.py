@@ -17,7 +17,6 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from clients.first_order import FirstOrderTrainer
 from clients.local_steps import LocalRound
 from clients.registry import register_trainer
-from fedpeft.adapters import adapter_parameters
 from strategies.scaffold import CONTROL, VARIATE_SET
 
 
@@ -30,8 +29,7 @@ class ScaffoldTrainer(FirstOrderTrainer):
         c = {k: v.numpy() for k, v in ctx.msg.content[CONTROL].items()}
         saved = self.store(ctx.msg).load_arrays(ctx.cid, VARIATE_SET)
         c_i = {k: saved[k] if k in saved else np.zeros_like(v) for k, v in c.items()}
-        params = adapter_parameters(self.rt.model, self.keys)
-        trained = {k: p for k, p in params.items() if p.requires_grad}
+        trained = {k: p for k, p in self.exchanged_parameters.items() if p.requires_grad}
         ctx.scratch.update(c=c, c_i=c_i, keys=list(trained))
         ctx.scratch["correction"] = [(p, torch.from_numpy(c[k] - c_i[k]).to(p.device, p.dtype))
                                      for k, p in trained.items()]
