@@ -14,6 +14,7 @@ from clients.base import Trainer
 from clients.local_steps import DPSteps, LocalRound, PlainSteps, make_optimizer
 from clients.registry import register_trainer
 from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.causal_lm import batch_loss
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from fedpeft.seeding import derive_seed
 
@@ -51,8 +52,8 @@ class FirstOrderTrainer(Trainer):
         """Called once the global adapter is loaded, before the first step."""
 
     def loss(self, ctx: LocalRound, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of one batch (the model's own loss)."""
-        return model(**batch).loss
+        """The training loss of one batch (the task's: class cross-entropy, or the response-token loss)."""
+        return batch_loss(model, batch)
 
     base_loss = loss  # lets the DP engine tell whether a subclass changed the loss
 

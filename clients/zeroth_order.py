@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.base import ClientRuntime, Trainer
 from clients.registry import register_trainer
+from fedpeft.causal_lm import batch_loss
 from fedpeft.data.prepared import train_batches
 from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from fedpeft.seeding import rng
@@ -88,9 +89,9 @@ class ZerothOrderTrainer(Trainer):
                 i = int(picks.choice(self.k, p=p))
                 seed = int(self.pool[i])
                 perturb(self.params, seed, eps, self.opts.direction)
-                plus = float(model(**batch).loss)
+                plus = float(batch_loss(model, batch))
                 perturb(self.params, seed, -2 * eps, self.opts.direction)
-                minus = float(model(**batch).loss)
+                minus = float(batch_loss(model, batch))
                 g = (plus - minus) / (2 * eps)
                 perturb(self.params, seed, eps - lr * g, self.opts.direction)  # restore and step at once
                 acc[i] += g

@@ -272,6 +272,19 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="after")
+    def _fits_task_kind(self) -> "Config":
+        if self.model.kind == "classifier" and self.model.source == "tiny" and self.model.tiny.arch != "bert":
+            raise ValueError(f"model.tiny.arch = '{self.model.tiny.arch}' is a decoder: use it with "
+                             "model.kind = 'causal-lm' (tiny classifiers use arch 'bert')")
+        if self.model.kind == "causal-lm":
+            if self.dp.enabled and self.dp.grad_sample_mode == "ghost":
+                raise ValueError("dp.grad_sample_mode = 'ghost' computes a per-example loss from classifier logits; "
+                                 "model.kind = 'causal-lm' trains on a response-token loss: use 'hooks'")
+            if self.data.label_map:
+                raise ValueError("data.label_map maps class labels: it has no use with model.kind = 'causal-lm'")
+        return self
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
+GENERATIONS_FILE = "generations.jsonl"  # causal-lm: what the global model generated on each scored round
 COMM_FILE = "comm.csv"
 PRIVACY_FILE = "privacy.csv"
 SUMMARY_FILE = "summary.json"
@@ -92,6 +93,12 @@ class RunDir:
         with (self.path / METRICS_FILE).open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+    def write_generations(self, server_round: int, samples: list[dict[str, Any]]) -> None:
+        """Append one generation round's held-out prompts, references and generated responses."""
+        with (self.path / GENERATIONS_FILE).open("a") as f:
+            for sample in samples:
+                f.write(json.dumps({"round": server_round, **sample}) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write the run summary; the run is then complete."""

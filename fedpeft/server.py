@@ -16,7 +16,7 @@ from flwr.supercore import log
 from fedpeft.config import Config
 from fedpeft.env import quiet_libraries
 from fedpeft.privacy.sample_level import check_task
-from fedpeft.evaluation import evaluate
+from fedpeft.evaluation import Evaluator
 from fedpeft.ledger import CommLedger, LedgerGrid, message_bytes
 from fedpeft.models import build_model, device_for
 from fedpeft.nodes import NodeDirectory, discover
@@ -80,11 +80,16 @@ def run_server(
     strategy.summary()
     arrays = strategy.initial_arrays()
 
-    def eval_now() -> dict[str, float]:
-        strategy.load_global(model, arrays)
-        return evaluate(model, task.test, cfg.sim.eval_batch_size, task.pad_token_id)
+    evaluator = Evaluator(cfg, task)
 
-    row0 = {"round": 0, **eval_now(), **_bytes(ledger, 0), "clients": 0, "rejected": 0,
+    def eval_now(rnd: int) -> dict[str, float]:
+        strategy.load_global(model, arrays)
+        out = evaluator(model, rnd)
+        if "generate_s" in out:
+            rundir.write_generations(rnd, evaluator.samples)
+        return out
+
+    row0 = {"round": 0, **eval_now(0), **_bytes(ledger, 0), "clients": 0, "rejected": 0,
             "round_s": 0.0, "elapsed_s": time.perf_counter() - t_start}
     ledger.flush()
     rundir.append_metrics(row0)
@@ -100,7 +105,7 @@ def run_server(
         if new_arrays is not None:
             arrays = new_arrays
         rejected = strategy.pop_rejections()
-        row = {"round": rnd, **eval_now(), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected)}
+        row = {"round": rnd, **eval_now(rnd), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected)}
         row.update(epsilon_stats(privacy.record(rnd, strategy.pop_client_metrics())))
         if cfg.dp.user.enabled:
             row.update(strategy.privacy())
@@ -120,10 +125,12 @@ def run_server(
             rundir.checkpoint(model, rnd)
         if on_round:
             on_round(row)
-        log(INFO, "round %d: accuracy %.4f, %d B down, %d B up", rnd, row["accuracy"], row["bytes_down"], row["bytes_up"])
+        log(INFO, "round %d: %s %s, loss %.4f, %d B down, %d B up", rnd, evaluator.primary,
+            f"{row[evaluator.primary]:.4f}" if evaluator.primary in row else "-", row["loss"], row["bytes_down"], row["bytes_up"])
 
     strategy.export(model, rundir)
     summary = _summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
+    summary.update(_score_summary(evaluator.primary, rows))
     summary["label_names"] = list(task.label_names)
     summary.update(privacy.summary())
     summary.update(strategy.run_metrics(ledger, rows))
@@ -153,9 +160,6 @@ def _summary(cfg: Config, rows: list[dict], ledger: CommLedger, model, wall_s: f
         "rounds": cfg.sim.rounds,
         "num_clients": cfg.sim.num_clients,
         "clients_per_round": cfg.sim.clients_per_round,
-        "initial_accuracy": rows[0]["accuracy"],
-        "final_accuracy": rows[-1]["accuracy"],
-        "best_accuracy": max(r["accuracy"] for r in rows),
         "final_loss": rows[-1]["loss"],
         "bytes_down": totals["down"],
         "bytes_up": totals["up"],
@@ -170,6 +174,24 @@ def _summary(cfg: Config, rows: list[dict], ledger: CommLedger, model, wall_s: f
         "full_model_fedavg_bytes": 2 * full * participations,
         "wall_s": wall_s,
     }
+
+
+def _score_summary(primary: str, rows: list[dict]) -> dict[str, Any]:
+    """Round 0, final and best of the primary metric (over the rounds that measured it), and causal-LM extras."""
+    scored = [r for r in rows if primary in r]
+    out: dict[str, Any] = {"primary_metric": primary}
+    if scored:
+        out.update({f"initial_{primary}": scored[0][primary], f"final_{primary}": scored[-1][primary],
+                    f"best_{primary}": max(r[primary] for r in scored)})
+    if "perplexity" in rows[-1]:
+        out["final_perplexity"] = rows[-1]["perplexity"]
+    if scored and "exact_match" in scored[-1]:
+        out["final_exact_match"] = scored[-1]["exact_match"]
+        out["best_exact_match"] = max(r["exact_match"] for r in scored)
+        trained = rows[1:]
+        round_s = sum(r["round_s"] for r in trained)
+        out["generation_share"] = sum(r.get("generate_s", 0.0) for r in trained) / round_s if round_s else 0.0
+    return out
 
 
 def make_server_app(
