@@ -15,7 +15,7 @@ from datasets import Dataset, Features, Value
 
 from fedpeft.config import Config
 from fedpeft.data.prepared import PreparedTask, tokenize
-from fedpeft.data.sources import DataError, _first_split, _load_path, label_key
+from fedpeft.data.sources import DataError, first_split, label_key, load_path
 
 DATA_FILE_KEY = "data-file"
 
@@ -42,7 +42,7 @@ def load_node_data(path: str, cfg: Config, label_names: list[str]) -> Dataset:
     """Read, label-map and tokenize a node's data file (any format `data.source = "file"` accepts)."""
     from fedpeft.models import load_tokenizer
 
-    ds = _first_split(_load_path(path))
+    ds = first_split(load_path(path))
     text_col, label_col = cfg.data.text_column, cfg.data.label_column
     missing = [c for c in (text_col, label_col) if c not in ds.column_names]
     if missing:

@@ -1,4 +1,7 @@
-"""Raw train/test splits from the built-in task, local files, or the dataset hub, with integer labels."""
+"""Raw train/test splits from the built-in task, local files, or the dataset hub, with integer labels.
+
+The file / hub loaders and the held-out split are shared with instruction data (`fedpeft.data.instructions`).
+"""
 
 from __future__ import annotations
 
@@ -41,16 +44,21 @@ def load_raw(cfg: DataConfig, seed: int) -> RawTask:
         test = builtin.generate(b.num_test, derive_seed(seed, "builtin-test"), b.num_domains, b.negation_rate)
         train, test = (ds.cast_column("label", Value("int64")) for ds in (train, test))
         return RawTask(train, test, builtin.label_names(b.num_domains))
+    return _standardize(load_splits(cfg), cfg, seed)
+
+
+def load_splits(cfg: DataConfig) -> DatasetDict:
+    """The splits of a file or hub source (`data.source` file / hub); `data.test_path` becomes the test split."""
     if cfg.source == "file":
-        splits = _load_path(cfg.path)
+        splits = load_path(cfg.path)
         if cfg.test_path:
-            splits = DatasetDict({"train": _first_split(splits), "test": _first_split(_load_path(cfg.test_path))})
-    else:
-        splits = _load_hub(cfg.path)
-    return _standardize(splits, cfg, seed)
+            splits = DatasetDict({"train": first_split(splits), "test": first_split(load_path(cfg.test_path))})
+        return splits
+    return load_hub(cfg.path)
 
 
-def _load_path(path_str: str) -> DatasetDict:
+def load_path(path_str: str) -> DatasetDict:
+    """A local data file (CSV, TSV, JSON, JSONL, Parquet) or save_to_disk folder as splits."""
     path = Path(path_str).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -59,6 +67,8 @@ def _load_path(path_str: str) -> DatasetDict:
             loaded = load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as err:
             raise DataError(f"'{path}' is not a datasets.save_to_disk folder: {err}") from None
+        except Exception as err:  # e.g. IndexError for a saved dataset with no rows
+            raise DataError(f"cannot read the save_to_disk folder {path}: {type(err).__name__}: {err}") from None
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -70,7 +80,8 @@ def _load_path(path_str: str) -> DatasetDict:
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from None
 
 
-def _load_hub(name: str) -> DatasetDict:
+def load_hub(name: str) -> DatasetDict:
+    """A dataset from the hub as splits; offline, a DataError that says how to use a local copy."""
     try:
         loaded = load_dataset(name)
     except Exception as err:  # offline mode raises ConnectionError, OSError or ValueError
@@ -82,13 +93,33 @@ def _load_hub(name: str) -> DatasetDict:
     return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
 
 
-def _first_split(splits: DatasetDict) -> Dataset:
+def first_split(splits: DatasetDict) -> Dataset:
+    """The training split: `train`, else the first one."""
     return splits["train"] if "train" in splits else next(iter(splits.values()))
 
 
+def heldout_split(splits: DatasetDict) -> Dataset | None:
+    """The held-out split (`test`, else `validation`), or None when there is none."""
+    return next((splits[k] for k in ("test", "validation") if k in splits), None)
+
+
+def holdout(train: Dataset, test: Dataset | None, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, test): a seeded `data.test_fraction` split if `test` is None; test capped at `data.max_test_examples`."""
+    if test is None:
+        try:
+            parts = train.train_test_split(test_size=cfg.test_fraction, seed=derive_seed(seed, "test-split") % 2**32)
+        except ValueError as err:  # too few rows for both parts
+            raise DataError(f"cannot split {len(train)} examples by data.test_fraction = {cfg.test_fraction}: "
+                            f"{err}; add examples or give a test split (data.test_path)") from None
+        train, test = parts["train"], parts["test"]
+    if len(test) > cfg.max_test_examples:
+        test = test.shuffle(seed=derive_seed(seed, "test-subset") % 2**32).select(range(cfg.max_test_examples))
+    return train, test
+
+
 def _standardize(splits: DatasetDict, cfg: DataConfig, seed: int) -> RawTask:
-    train = _first_split(splits)
-    test = next((splits[k] for k in ("test", "validation") if k in splits), None)
+    train = first_split(splits)
+    test = heldout_split(splits)
     for name, ds in (("train", train), ("test", test)):
         if ds is None:
             continue
@@ -97,11 +128,7 @@ def _standardize(splits: DatasetDict, cfg: DataConfig, seed: int) -> RawTask:
                 raise DataError(f"column '{col}' not in the {name} split (columns: {', '.join(ds.column_names)})")
         _keys(ds, cfg, name)  # every label readable; row numbers are the file's, before any split
     split_off = test is None
-    if split_off:
-        parts = train.train_test_split(test_size=cfg.test_fraction, seed=derive_seed(seed, "test-split") % 2**32)
-        train, test = parts["train"], parts["test"]
-    if len(test) > cfg.max_test_examples:
-        test = test.shuffle(seed=derive_seed(seed, "test-subset") % 2**32).select(range(cfg.max_test_examples))
+    train, test = holdout(train, test, cfg, seed)
     train_keys = _keys(train, cfg, "train")
     names, mapping = _label_mapping(train, train_keys, cfg)
     train = _encode(train, train_keys, cfg, names, mapping, "train")
