@@ -137,11 +137,12 @@ class RunDir:
 
     # ----- readers --------------------------------------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:
-        """Every metrics row written so far."""
+        """Every round's metrics row written so far (run-level `event` lines, such as a budget stop, left out)."""
         path = self.path / METRICS_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if "event" not in r]
 
     def summary(self) -> dict[str, Any]:
         """The run summary."""

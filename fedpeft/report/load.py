@@ -13,6 +13,7 @@ from typing import Any
 from fedpeft.ledger import COLUMNS
 from fedpeft.ledger import LedgerRow as LedgerRecord  # the ledger's own row type, read back
 from fedpeft.rundir import COMM_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
+from fedpeft.scores import metric_label, primary_metric
 
 DIRECTIONS = ("down", "up")
 
@@ -53,6 +54,11 @@ class Run:
         """The peft adapter type (from the config, else the summary)."""
         return str(self.config.get("adapter", {}).get("type") or self.summary.get("adapter") or "?")
 
+    @property
+    def primary_metric(self) -> str:
+        """The metric the run is scored by ("accuracy", "rouge_l", …); accuracy for runs that do not say."""
+        return primary_metric(self.summary, self.config)
+
 
 def load_run(path: str | Path) -> Run:
     """Load and validate one run directory, raising `ReportError` naming what is wrong."""
@@ -65,12 +71,12 @@ def load_run(path: str | Path) -> Run:
     why = describe_status(status)
     if why and not _has_rounds(p / METRICS_FILE):
         raise ReportError(f"{p}: the run {why}; there is nothing to report.")
-    metrics = _read_metrics(p / METRICS_FILE)
-    ledger = _read_ledger(p / COMM_FILE)
     # summary.json and config.toml are optional on their own: an interrupted run has no
     # summary, yet its rounds and ledger are still worth a report.
     summary = _read_json(p / SUMMARY_FILE) if (p / SUMMARY_FILE).is_file() else {}
     config = _read_toml(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {}
+    metrics = _read_metrics(p / METRICS_FILE, primary_metric(summary, config))
+    ledger = _read_ledger(p / COMM_FILE)
     if not summary and not config:
         raise ReportError(f"{p}: neither {SUMMARY_FILE} nor {CONFIG_FILE} is present, so the method and adapter are unknown")
     return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status)
@@ -108,7 +114,7 @@ def _missing(path: Path) -> ReportError:
     return ReportError(f"{path.parent}: missing {path.name} (is this a fedpeft run directory?)")
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def _read_metrics(path: Path, metric: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise _missing(path)
     rows: list[dict[str, Any]] = []
@@ -121,14 +127,22 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             raise ReportError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise ReportError(f"{path}: line {n} is not a JSON object")
-        for key in ("round", "accuracy"):
-            if not _is_number(row.get(key)):
-                raise ReportError(f"{path}: line {n} has no numeric '{key}'")
+        if "event" in row:  # a run-level note (e.g. a communication budget stop), not a round
+            continue
+        if not _is_number(row.get("round")):
+            raise ReportError(f"{path}: line {n} has no numeric 'round'")
         if not _is_number(row.get("loss")):
             row["loss"] = math.nan
+        # Causal-LM runs score only their generation rounds, so a round may lack the metric;
+        # a value that is there must be a number.
+        if metric in row and not _is_number(row[metric]):
+            raise ReportError(f"{path}: line {n} has a non-numeric '{metric}' ({row[metric]!r})")
         rows.append(row)
     if not rows:
         raise ReportError(f"{path}: no rounds recorded")
+    if not any(metric in row for row in rows):
+        raise ReportError(f"{path}: no round has a '{metric}' value "
+                          f"({metric_label(metric)} is the run's primary metric)")
     rounds = [r["round"] for r in rows]
     if rounds != sorted(set(rounds)):
         raise ReportError(f"{path}: rounds are not strictly increasing ({rounds})")
