@@ -199,6 +199,10 @@ def _run_failed(failure: BaseException | None, label: str = "") -> None:
 def _print_summary(s: dict) -> None:
     table = Table(title=f"fedpeft run: {s['name']}", show_header=False)
     table.add_row("method / adapter", f"{s['method']} / {s['adapter']}")
+    if s.get("stopped"):
+        from fedpeft.budget import describe_stop
+
+        table.add_row("[yellow]stopped[/yellow]", escape(describe_stop(s["stopped"])))
     table.add_row("accuracy (round 0 → final)", f"{s['initial_accuracy']:.4f} → {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f})")
     table.add_row("bytes down / up", f"{s['bytes_down'] / MB:.3f} MB / {s['bytes_up'] / MB:.3f} MB")
     table.add_row("client participations", str(s["participations"]))
@@ -320,8 +324,10 @@ def compare(
         _run_failed(failure, label=f"{recipes[i - 1]}: ")
         run_dirs.append(Path(summary["run_dir"]))
         rejected = f", {summary['rejected']} replies rejected" if summary.get("rejected") else ""
+        stopped = (f", stopped at the budget before round {summary['stopped']['before_round']}"
+                   if summary.get("stopped") else "")
         console.print(f"  → {summary['run_dir']}: final accuracy {summary['final_accuracy']:.4f}, "
-                      f"{summary['bytes_total'] / MB:.3f} MB{rejected}")
+                      f"{summary['bytes_total'] / MB:.3f} MB{rejected}{stopped}")
     _current.run_dir = None
     try:
         files = make_report(run_dirs, out, target_accuracy)

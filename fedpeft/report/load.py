@@ -12,7 +12,7 @@ from typing import Any
 
 from fedpeft.ledger import COLUMNS
 from fedpeft.ledger import LedgerRow as LedgerRecord  # the ledger's own row type, read back
-from fedpeft.rundir import COMM_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
+from fedpeft.rundir import COMM_FILE, CONFIG_FILE, EVENT_KEY, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
 
 DIRECTIONS = ("down", "up")
 
@@ -32,6 +32,14 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     status: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines keyed `event`
+
+    @property
+    def stopped(self) -> dict[str, Any] | None:
+        """The record of an early stop (the communication budget) from summary.json or metrics.jsonl, or None."""
+        if isinstance(self.summary.get("stopped"), dict):
+            return self.summary["stopped"]
+        return next((e for e in self.events if "reason" in e), None)
 
     @property
     def incomplete(self) -> str | None:
@@ -65,7 +73,7 @@ def load_run(path: str | Path) -> Run:
     why = describe_status(status)
     if why and not _has_rounds(p / METRICS_FILE):
         raise ReportError(f"{p}: the run {why}; there is nothing to report.")
-    metrics = _read_metrics(p / METRICS_FILE)
+    metrics, events = _read_metrics(p / METRICS_FILE)
     ledger = _read_ledger(p / COMM_FILE)
     # summary.json and config.toml are optional on their own: an interrupted run has no
     # summary, yet its rounds and ledger are still worth a report.
@@ -73,7 +81,8 @@ def load_run(path: str | Path) -> Run:
     config = _read_toml(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {}
     if not summary and not config:
         raise ReportError(f"{p}: neither {SUMMARY_FILE} nor {CONFIG_FILE} is present, so the method and adapter are unknown")
-    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status)
+    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status,
+               events=events)
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -108,10 +117,11 @@ def _missing(path: Path) -> ReportError:
     return ReportError(f"{path.parent}: missing {path.name} (is this a fedpeft run directory?)")
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if not path.is_file():
         raise _missing(path)
     rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -121,6 +131,9 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             raise ReportError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise ReportError(f"{path}: line {n} is not a JSON object")
+        if EVENT_KEY in row:
+            events.append(row)
+            continue
         for key in ("round", "accuracy"):
             if not _is_number(row.get(key)):
                 raise ReportError(f"{path}: line {n} has no numeric '{key}'")
@@ -132,7 +145,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     rounds = [r["round"] for r in rows]
     if rounds != sorted(set(rounds)):
         raise ReportError(f"{path}: rounds are not strictly increasing ({rounds})")
-    return rows
+    return rows, events
 
 
 def _read_ledger(path: Path) -> list[LedgerRecord]:

@@ -61,6 +61,7 @@ def headline(s: RunStats) -> list[tuple[str, str]]:
     ref = s.full_model_fedavg_bytes
     ratio = s.full_model_ratio
     status = [("status", f"the run {s.incomplete}: figures cover the rounds it recorded")] if s.incomplete else []
+    status += [("stopped", f"{s.stopped}; figures cover the rounds it sent")] if s.stopped else []
     return status + [
         ("method / adapter", f"{s.method} / {s.adapter}"),
         ("codecs", s.codecs or DASH),

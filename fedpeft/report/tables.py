@@ -11,10 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpeft.ledger import ENVELOPE
+from fedpeft.budget import describe_stop
+from fedpeft.ledger import ENVELOPE, MB
 from fedpeft.report.load import Run
 
-MB = 1024 * 1024  # the unit `fedpeft simulate` prints as MB, so both commands show the same figures
 DASH = "—"
 DEFAULT_TARGET = 0.9
 
@@ -77,6 +77,7 @@ class RunStats:
     wall_s: float | None
     num_clients: int | None = None
     incomplete: str | None = None  # why the run did not complete (failed, interrupted, …)
+    stopped: str | None = None  # why a completed run ended before its last round (the communication budget)
     rounds: list[RoundStats] = field(default_factory=list)
     clients: list[ClientStats] = field(default_factory=list)
 
@@ -152,7 +153,8 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         epsilon=eps[-1] if eps else None,
         wall_s=float(wall) if isinstance(wall, (int, float)) else None,
         num_clients=_opt_int(run.config.get("sim", {}).get("num_clients", run.summary.get("num_clients"))),
-        incomplete=run.incomplete, rounds=rounds, clients=clients,
+        incomplete=run.incomplete, stopped=describe_stop(run.stopped) if run.stopped else None,
+        rounds=rounds, clients=clients,
     )
 
 
