@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[str, str, list[str]]] = {
 def run_method(key: str, rounds: int, alpha: float, out: Path, extra: list[str]) -> dict:
     """Run one method's recipe with the shared overrides; return and store its figures."""
     from fedpeft.recipe import load
+    from fedpeft.rundir import RunDir
     from fedpeft.simulation import simulate
 
     label, recipe, sized = METHODS[key]
@@ -45,7 +46,7 @@ def run_method(key: str, rounds: int, alpha: float, out: Path, extra: list[str])
                  f'name="{key}"', *sized, *extra]
     cfg = load(RECIPES / recipe, overrides)
     summary = simulate(cfg)
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(Path(summary["run_dir"])).metrics()  # round rows only (a budget stop adds an event line)
     result = {
         "key": key, "label": label, "recipe": f"simulations/{recipe}", "overrides": overrides,
         "rounds": rounds, "final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],

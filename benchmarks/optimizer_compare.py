@@ -34,13 +34,14 @@ SHOWN_ROUNDS = (2, 4, 6, 8, 10, 12)
 def run(key: str, rounds: int, alpha: float, out: Path, extra: list[str]) -> dict:
     """Run one method's recipe with the shared overrides; store and return its per-round figures."""
     from fedpeft.recipe import load
+    from fedpeft.rundir import RunDir
     from fedpeft.simulation import simulate
 
     label, recipe = METHODS[key]
     overrides = [f"partition.alpha={alpha}", f"sim.rounds={rounds}", f'output.dir="{out / "runs"}"',
                  f'name="{key}"', *extra]
     summary = simulate(load(ROOT / "simulations" / recipe, overrides))
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(Path(summary["run_dir"])).metrics()  # round rows only (a budget stop adds an event line)
     result = {"key": key, "label": label, "recipe": f"simulations/{recipe}", "overrides": overrides,
               "accuracy": [r["accuracy"] for r in rows], "bytes_down": summary["bytes_down"],
               "bytes_up": summary["bytes_up"], "bytes_total": summary["bytes_total"],

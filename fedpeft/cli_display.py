@@ -13,9 +13,10 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from fedpeft.budget import describe_stop
+from fedpeft.ledger import MB
 from fedpeft.scores import ACCURACY, metric_label, metric_short, primary_metric
 
-MB = 1024 * 1024
 NO_VALUE = "–"  # a metric not measured yet (causal-LM runs score only their generation rounds)
 # Causal-LM extras of summary.json, shown when present: (key, row label, format).
 SUMMARY_EXTRAS = (
@@ -69,6 +70,8 @@ def summary_table(s: dict[str, Any]) -> Table:
     """The table printed when a simulation ends, from its summary."""
     table = Table(title=f"fedpeft run: {s['name']}", show_header=False)
     table.add_row("method / adapter", f"{s['method']} / {s['adapter']}")
+    if s.get("stopped"):
+        table.add_row("[yellow]stopped[/yellow]", escape(describe_stop(s["stopped"])))
     table.add_row(f"{metric_label(primary_metric(s))} (round 0 → final)", score_text(s))
     for key, label, fmt in SUMMARY_EXTRAS:
         if isinstance(s.get(key), (int, float)):
@@ -112,5 +115,6 @@ def result_line(s: dict[str, Any]) -> str:
     """One line about a finished run of `fedpeft compare`: where it is, its final score and its bytes."""
     m = primary_metric(s)
     rejected = f", {s['rejected']} replies rejected" if s.get("rejected") else ""
+    stopped = f", stopped at the budget before round {s['stopped']['before_round']}" if s.get("stopped") else ""
     return (f"  → {s['run_dir']}: final {metric_label(m)} {s[f'final_{m}']:.4f}, "
-            f"{s['bytes_total'] / MB:.3f} MB{rejected}")
+            f"{s['bytes_total'] / MB:.3f} MB{rejected}{stopped}")

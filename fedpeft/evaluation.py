@@ -12,8 +12,8 @@ from fedpeft.causal_lm import generation_scores, held_out_loss
 from fedpeft.config import Config, ModelConfig
 from fedpeft.data.prepared import PreparedTask, eval_batches
 from fedpeft.models import load_tokenizer
+from fedpeft.scores import PRIMARY_BY_KIND
 
-PRIMARY_METRIC = {"classifier": "accuracy", "causal-lm": "rouge_l"}
 
 
 @torch.inference_mode()
@@ -72,7 +72,7 @@ class Evaluator:
 
     def __init__(self, cfg: Config, task: PreparedTask) -> None:
         self.cfg, self.task = cfg, task
-        self.primary = PRIMARY_METRIC[task.kind]
+        self.primary = PRIMARY_BY_KIND[task.kind]
         self.samples: list[dict[str, Any]] = []  # the last generation round's outputs
 
     def generates_at(self, server_round: int) -> bool:

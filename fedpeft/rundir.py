@@ -29,6 +29,8 @@ LOG_FILE = "run.log"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 TASK_DIR = "data"
+# A metrics.jsonl line with this key records an event (e.g. a stop at the communication budget), not a round.
+EVENT_KEY = "event"
 
 
 class RunDir:
@@ -89,7 +91,7 @@ class RunDir:
         os.replace(tmp, self.path / name)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one round's metrics as a JSON line."""
+        """Append one round's metrics (or an event, keyed `event`) as a JSON line."""
         with (self.path / METRICS_FILE).open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -101,9 +103,9 @@ class RunDir:
                 f.write(json.dumps({"round": server_round, **sample}) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """Write the run summary; the run is then complete."""
+        """Write the run summary; the run is then complete (and says so if its budget stopped it early)."""
         self.write_text(SUMMARY_FILE, json.dumps(summary, indent=2))
-        self.write_status("completed")
+        self.write_status("completed", **({"stopped": summary["stopped"]} if summary.get("stopped") else {}))
 
     def write_status(self, status: str, **fields: Any) -> None:
         """Record where the run stands in `status.json`: running, completed, failed or interrupted."""
@@ -137,7 +139,14 @@ class RunDir:
 
     # ----- readers --------------------------------------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:
-        """Every round's metrics row written so far (run-level `event` lines, such as a budget stop, left out)."""
+        """Every round's metrics row written so far (event lines left out)."""
+        return [r for r in self._metrics_lines() if EVENT_KEY not in r]
+
+    def events(self) -> list[dict[str, Any]]:
+        """The event lines of metrics.jsonl (e.g. the stop at the communication budget)."""
+        return [r for r in self._metrics_lines() if EVENT_KEY in r]
+
+    def _metrics_lines(self) -> list[dict[str, Any]]:
         path = self.path / METRICS_FILE
         if not path.is_file():
             return []

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedpeft.budget import check_round
 from fedpeft.config import Config
 from fedpeft.env import quiet_libraries
 from fedpeft.privacy.sample_level import check_task
@@ -96,10 +97,13 @@ def run_server(
     if on_round:
         on_round(row0)
     rows = [row0]
+    stopped = None
     for rnd in range(1, cfg.sim.rounds + 1):
         t0 = time.perf_counter()
         ledger.round = rnd
-        msgs = strategy.configure_train(rnd, arrays, ConfigRecord(), lgrid)
+        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), lgrid))
+        if (stopped := check_round(cfg.sim.comm_budget_mb, rnd, ledger, msgs)) is not None:
+            break
         replies = lgrid.send_and_receive(msgs, timeout=cfg.sim.round_timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
@@ -128,6 +132,8 @@ def run_server(
         log(INFO, "round %d: %s %s, loss %.4f, %d B down, %d B up", rnd, evaluator.primary,
             f"{row[evaluator.primary]:.4f}" if evaluator.primary in row else "-", row["loss"], row["bytes_down"], row["bytes_up"])
 
+    if stopped is not None:
+        rundir.append_metrics(stopped.event())
     strategy.export(model, rundir)
     summary = _summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
     summary.update(_score_summary(evaluator.primary, rows))
@@ -136,6 +142,8 @@ def run_server(
     summary.update(strategy.run_metrics(ledger, rows))
     if cfg.dp.user.enabled:
         summary.update(strategy.privacy())
+    if stopped is not None:
+        summary["stopped"] = stopped.record()
     rundir.write_summary(summary)
     return summary
 
@@ -158,6 +166,7 @@ def _summary(cfg: Config, rows: list[dict], ledger: CommLedger, model, wall_s: f
         "method": cfg.method.name,
         "adapter": cfg.adapter.type,
         "rounds": cfg.sim.rounds,
+        "rounds_completed": rows[-1]["round"],
         "num_clients": cfg.sim.num_clients,
         "clients_per_round": cfg.sim.clients_per_round,
         "final_loss": rows[-1]["loss"],

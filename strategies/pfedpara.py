@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from pydantic import Field
 
-from fedpeft.evaluation import PRIMARY_METRIC
+from fedpeft.scores import PRIMARY_BY_KIND
 from fedpeft.records import reply_metrics
 from strategies.fedpara import FedPara, FedParaOptions
 from strategies.registry import Capabilities, register
@@ -62,7 +62,7 @@ class PFedPara(FedPara):
     def __init__(self, cfg: Config, directory, model, workdir=None) -> None:
         super().__init__(cfg, directory, model, workdir)
         self.personal: dict[str, float] = {}
-        self.metric = PRIMARY_METRIC[cfg.model.kind]
+        self.metric = PRIMARY_BY_KIND[cfg.model.kind]
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the global pair; keep the clients' local-test accuracies for this round's metrics."""

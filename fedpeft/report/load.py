@@ -12,7 +12,7 @@ from typing import Any
 
 from fedpeft.ledger import COLUMNS
 from fedpeft.ledger import LedgerRow as LedgerRecord  # the ledger's own row type, read back
-from fedpeft.rundir import COMM_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
+from fedpeft.rundir import COMM_FILE, CONFIG_FILE, EVENT_KEY, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
 from fedpeft.scores import metric_label, primary_metric
 
 DIRECTIONS = ("down", "up")
@@ -33,6 +33,14 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     status: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines keyed `event`
+
+    @property
+    def stopped(self) -> dict[str, Any] | None:
+        """The record of an early stop (the communication budget) from summary.json or metrics.jsonl, or None."""
+        if isinstance(self.summary.get("stopped"), dict):
+            return self.summary["stopped"]
+        return next((e for e in self.events if "reason" in e), None)
 
     @property
     def incomplete(self) -> str | None:
@@ -75,11 +83,12 @@ def load_run(path: str | Path) -> Run:
     # summary, yet its rounds and ledger are still worth a report.
     summary = _read_json(p / SUMMARY_FILE) if (p / SUMMARY_FILE).is_file() else {}
     config = _read_toml(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {}
-    metrics = _read_metrics(p / METRICS_FILE, primary_metric(summary, config))
+    metrics, events = _read_metrics(p / METRICS_FILE, primary_metric(summary, config))
     ledger = _read_ledger(p / COMM_FILE)
     if not summary and not config:
         raise ReportError(f"{p}: neither {SUMMARY_FILE} nor {CONFIG_FILE} is present, so the method and adapter are unknown")
-    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status)
+    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status,
+               events=events)
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -114,10 +123,11 @@ def _missing(path: Path) -> ReportError:
     return ReportError(f"{path.parent}: missing {path.name} (is this a fedpeft run directory?)")
 
 
-def _read_metrics(path: Path, metric: str) -> list[dict[str, Any]]:
+def _read_metrics(path: Path, metric: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if not path.is_file():
         raise _missing(path)
     rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -127,7 +137,8 @@ def _read_metrics(path: Path, metric: str) -> list[dict[str, Any]]:
             raise ReportError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise ReportError(f"{path}: line {n} is not a JSON object")
-        if "event" in row:  # a run-level note (e.g. a communication budget stop), not a round
+        if EVENT_KEY in row:  # a run-level note (e.g. a communication budget stop), not a round
+            events.append(row)
             continue
         if not _is_number(row.get("round")):
             raise ReportError(f"{path}: line {n} has no numeric 'round'")
@@ -146,7 +157,7 @@ def _read_metrics(path: Path, metric: str) -> list[dict[str, Any]]:
     rounds = [r["round"] for r in rows]
     if rounds != sorted(set(rounds)):
         raise ReportError(f"{path}: rounds are not strictly increasing ({rounds})")
-    return rows
+    return rows, events
 
 
 def _read_ledger(path: Path) -> list[LedgerRecord]:

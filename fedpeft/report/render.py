@@ -96,6 +96,7 @@ def headline(s: RunStats) -> list[tuple[str, str]]:
         ("perplexity (final)", s.final_perplexity, fmt_num(s.final_perplexity, 2)),
         ("generation share of round time", s.generation_share, _share(s.generation_share)),
     ) if value is not None]
+    status += [("stopped", f"{s.stopped}; figures cover the rounds it sent")] if s.stopped else []
     return status + [
         ("method / adapter", f"{s.method} / {s.adapter}"),
         ("codecs", s.codecs or DASH),

@@ -11,11 +11,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpeft.ledger import ENVELOPE
+from fedpeft.budget import describe_stop
+from fedpeft.ledger import ENVELOPE, MB
 from fedpeft.report.load import Run
 from fedpeft.scores import EXACT_MATCH, metric_label
 
-MB = 1024 * 1024  # the unit `fedpeft simulate` prints as MB, so both commands show the same figures
 DASH = "—"
 DEFAULT_TARGET = 0.9
 
@@ -84,6 +84,7 @@ class RunStats:
     final_perplexity: float | None = None
     generation_share: float | None = None  # fraction of round time spent generating (causal-LM runs)
     incomplete: str | None = None  # why the run did not complete (failed, interrupted, …)
+    stopped: str | None = None  # why a completed run ended before its last round (the communication budget)
     rounds: list[RoundStats] = field(default_factory=list)
     clients: list[ClientStats] = field(default_factory=list)
 
@@ -175,7 +176,8 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         num_clients=_opt_int(run.config.get("sim", {}).get("num_clients", run.summary.get("num_clients"))),
         final_exact_match=_last(rounds, "exact_match"), final_perplexity=_last(rounds, "perplexity"),
         generation_share=_opt_float(run.summary.get("generation_share")),
-        incomplete=run.incomplete, rounds=rounds, clients=clients,
+        incomplete=run.incomplete, stopped=describe_stop(run.stopped) if run.stopped else None,
+        rounds=rounds, clients=clients,
     )
 
 
