@@ -36,11 +36,20 @@ def build_peft_config(adapter: AdapterConfig, task_type: str = "SEQ_CLS") -> "Pe
         raise ConfigError(f"adapter ({adapter.type}): {err}") from None
 
 
-def adapter_state(model: "PeftModel") -> dict[str, torch.Tensor]:
-    """The adapter's trainable tensors (peft's own state-dict view), detached on CPU."""
+def adapter_state_dict(model: "PeftModel") -> dict[str, torch.Tensor]:
+    """peft's state dict of the adapter, without the frozen base weights of targeted embedding layers.
+
+    With `lm_head` (or an embedding) among target_modules, peft would by default also save that
+    layer's whole frozen weight matrix; it never changes, so it neither travels nor is exported.
+    """
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
+def adapter_state(model: "PeftModel") -> dict[str, torch.Tensor]:
+    """The adapter's trainable tensors (peft's own state-dict view), detached on CPU."""
+    return {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()}
 
 
 def load_adapter_state(model: "PeftModel", state: dict[str, torch.Tensor], keys: set[str] | None = None) -> None:
@@ -58,9 +67,7 @@ def load_adapter_state(model: "PeftModel", state: dict[str, torch.Tensor], keys:
 
 def get_adapter_keys(model: "PeftModel") -> list[str]:
     """Names of the adapter tensors exchanged for this model."""
-    from peft import get_peft_model_state_dict
-
-    return list(get_peft_model_state_dict(model).keys())
+    return list(adapter_state_dict(model).keys())
 
 
 

@@ -152,7 +152,7 @@ def _tiny_decoder_arch(cfg: Config) -> torch.nn.Module:
             vocab_size=len(tok), hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
             num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_attention_heads,
             intermediate_size=t.intermediate_size, max_position_embeddings=positions,
-            pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
     if t.arch == "gpt2":
         return GPT2LMHeadModel(GPT2Config(
             vocab_size=len(tok), n_embd=t.hidden_size, n_layer=t.num_hidden_layers, n_head=t.num_attention_heads,

@@ -122,7 +122,7 @@ class RunDir:
         """Save the model's adapter with peft (`PeftModel.from_pretrained` reloads it), atomically."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), save_embedding_layers=False)  # frozen base weights stay out
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             os.replace(dest, old)
