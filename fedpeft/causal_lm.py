@@ -6,6 +6,7 @@ label is predicted from the positions before it (logits are shifted by one).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import time
@@ -18,21 +19,37 @@ from datasets import Dataset
 IGNORE = -100
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example sum of response-token cross-entropy and per-example response-token count."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example sum of cross-entropy over the response tokens in `targets` (-100 elsewhere), and their count.
+
+    `logits[:, j]` is the prediction of `targets[:, j]` (already aligned: see `response_logits`).
+    """
     ce = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="none",
-    ).view(shift_labels.shape)
-    mask = shift_labels != IGNORE
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none",
+    ).view(targets.shape)
+    mask = targets != IGNORE
     return (ce * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token logits of a padded batch (the labels stay out of the model: the loss is ours)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+@lru_cache(maxsize=16)
+def _keeps_logits(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
+def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits only at the positions that predict a response token of some row, and the tokens they predict.
+
+    A prompt position needs no vocabulary projection; skipping them (`logits_to_keep`) saves most
+    of the LM head's cost, which dominates small models. The batch dimension stays, so per-sample
+    gradients (DP-SGD) see one row per example.
+    """
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _keeps_logits(type(base)):
+        return model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
+    return model(**inputs).logits[:, :-1][:, keep], targets[:, keep]
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -41,7 +58,7 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     Averaging per example first (not over all tokens of the batch) keeps one example's gradient
     independent of the others' lengths, which per-sample clipping in DP-SGD relies on.
     """
-    sums, counts = token_losses(forward_logits(model, batch), batch["labels"])
+    sums, counts = token_losses(*response_logits(model, batch))
     keep = counts > 0
     per_example = sums[keep] / counts[keep]
     return per_example.mean() if per_example.numel() else sums.sum() * 0.0
@@ -120,7 +137,7 @@ def held_out_loss(model: torch.nn.Module, batches) -> dict[str, float]:
     total, count = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        sums, counts = token_losses(forward_logits(model, batch), batch["labels"])
+        sums, counts = token_losses(*response_logits(model, batch))
         total += float(sums.sum())
         count += int(counts.sum())
     model.train(was_training)

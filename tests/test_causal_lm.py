@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedpeft.causal_lm import (
-    IGNORE, generate_ids, held_out_loss, normalize_answer, response_loss, score_texts, token_losses,
+    IGNORE, generate_ids, held_out_loss, normalize_answer, response_logits, response_loss, score_texts, token_losses,
 )
 from fedpeft.config import ConfigError
 from fedpeft.data.prepared import collate
@@ -54,8 +54,13 @@ def test_losses_equal_a_hand_computation_over_response_tokens_only():
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         hand = _hand_losses(logits, labels)
-        sums, counts = token_losses(logits, batch["labels"])
+        # Only the positions that predict a response token are projected onto the vocabulary.
+        kept, targets = response_logits(model, batch)
+        assert kept.shape[:2] == targets.shape and kept.shape[1] < logits.shape[1] - 1
+        sums, counts = token_losses(kept, targets)
         assert counts.tolist() == [2, 3]
+        full_sums, _ = token_losses(logits[:, :-1], batch["labels"][:, 1:])
+        assert full_sums.tolist() == pytest.approx(sums.tolist(), rel=1e-5)
         assert sums.tolist() == pytest.approx([sum(r) for r in hand], rel=1e-5)
         # Training loss: each example's mean, then the mean over examples.
         expected_train = sum(sum(r) / len(r) for r in hand) / len(hand)
@@ -65,11 +70,11 @@ def test_losses_equal_a_hand_computation_over_response_tokens_only():
         flat = [x for r in hand for x in r]
         assert held["loss"] == pytest.approx(sum(flat) / len(flat), rel=1e-5)
         assert held["perplexity"] == pytest.approx(math.exp(held["loss"]), rel=1e-6)
-    # A prompt token's logit does not move the loss at all.
+    # A logit at a position that predicts a prompt token does not move the loss at all.
     logits2 = logits.clone()
-    logits2[:, 0:4] += torch.randn_like(logits2[:, 0:4])  # positions predicting prompt tokens only (ex. 0)
-    s2, _ = token_losses(logits2, batch["labels"])
-    assert float(s2[0]) == pytest.approx(float(sums[0]), rel=1e-6)
+    logits2[:, 0:2] += torch.randn_like(logits2[:, 0:2])  # positions 0-1 predict prompt tokens in both rows
+    s2, _ = token_losses(logits2[:, :-1], batch["labels"][:, 1:])
+    assert s2.tolist() == pytest.approx(sums.tolist(), rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
