@@ -7,6 +7,8 @@ DP-SGD, after privatization), `after_step`, `upload` (what the reply carries).
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
@@ -15,7 +17,7 @@ from clients.local_steps import DPSteps, LocalRound, PlainSteps, make_optimizer
 from clients.registry import register_trainer
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.causal_lm import batch_loss
-from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
+from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import derive_seed
 
 __all__ = ["FirstOrderTrainer", "make_optimizer"]
@@ -31,6 +33,7 @@ class FirstOrderTrainer(Trainer):
 
     def train(self, msg: Message, cid: int) -> RecordDict:
         """Train on client `cid` from the global adapter in `msg`; reply with adapter + metrics."""
+        t0 = time.perf_counter()
         cfg, model = self.rt.cfg, self.rt.model
         server_round = int(msg.content["config"][SERVER_ROUND])
         load_adapter_state(model, msg.content[ARRAYS].to_torch_state_dict(), keys=set(self.keys))
@@ -44,7 +47,7 @@ class FirstOrderTrainer(Trainer):
         finally:
             model.eval()
         metrics = {NUM_EXAMPLES: len(ctx.dataset), TRAIN_LOSS: ctx.loss_sum / max(ctx.steps, 1),
-                   "train-steps": ctx.steps, **ctx.metrics}
+                   "train-steps": ctx.steps, TRAIN_SECONDS: time.perf_counter() - t0, **ctx.metrics}
         return self.upload(ctx, metrics)
 
     # ----- hooks ------------------------------------------------------------------------------

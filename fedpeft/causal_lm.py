@@ -155,6 +155,6 @@ def generation_scores(model: torch.nn.Module, test: Dataset, tokenizer, num_exam
     texts = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
     scores = score_texts(texts, list(rows["reference"]))
     scores["generate_s"] = time.perf_counter() - t0
-    samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r, "generated": t}
-               for p, r, t in zip(prompts, rows["reference"], texts)]
+    samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r, "generated": t,
+                "generated_ids": g} for p, r, t, g in zip(prompts, rows["reference"], texts, generated)]
     return scores, samples

@@ -22,6 +22,7 @@ from fedpeft.ledger import CommLedger, LedgerGrid, message_bytes
 from fedpeft.models import build_model, device_for
 from fedpeft.nodes import NodeDirectory, discover
 from fedpeft.privacy.ledger import PrivacyLedger, epsilon_stats
+from fedpeft.records import TRAIN_SECONDS
 from fedpeft.runconfig import (
     DEFAULT_NODE_WAIT_S, NODE_WAIT_KEY, RUN_DIR_KEY, config_from, shared_dir, task_from,
 )
@@ -110,7 +111,11 @@ def run_server(
             arrays = new_arrays
         rejected = strategy.pop_rejections()
         row = {"round": rnd, **eval_now(rnd), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected)}
-        row.update(epsilon_stats(privacy.record(rnd, strategy.pop_client_metrics())))
+        client_metrics = strategy.pop_client_metrics()
+        row.update(epsilon_stats(privacy.record(rnd, client_metrics)))
+        seconds = [float(m[TRAIN_SECONDS]) for _, m in client_metrics if TRAIN_SECONDS in m]
+        if seconds:
+            row["client_train_s"] = sum(seconds) / len(seconds)  # mean wall seconds of local training
         if cfg.dp.user.enabled:
             row.update(strategy.privacy())
             privacy.record_user(rnd, row)

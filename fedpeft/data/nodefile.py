@@ -3,7 +3,8 @@
 In deployment a node trains on a local file (`--node-config "data-file=/data/shard.jsonl client-id=3"`)
 instead of a simulation partition. The file uses the recipe's `data.text_column` / `data.label_column`;
 labels are mapped with `data.label_map` when the recipe has one, else by class name (or class index)
-of the run's task, so every node and the server agree on what label k means.
+of the run's task, so every node and the server agree on what label k means. For a causal LM
+the file holds instruction records (columns as `data.instruction_column` etc. say, or auto-detected).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from datasets import Dataset, Features, Value
 
 from fedpeft.config import Config
+from fedpeft.data.instruction_task import tokenize_instructions
+from fedpeft.data.instructions import standardize
 from fedpeft.data.prepared import PreparedTask, tokenize
 from fedpeft.data.sources import DataError, first_split, label_key, load_path
 
@@ -39,10 +42,19 @@ def label_index(value: object, label_names: list[str], label_map: dict[str, int]
 
 
 def load_node_data(path: str, cfg: Config, label_names: list[str]) -> Dataset:
-    """Read, label-map and tokenize a node's data file (any format `data.source = "file"` accepts)."""
+    """Read, label-map and tokenize a node's data file (any format `data.source = "file"` accepts).
+
+    For a causal LM the file holds instruction records, read with the recipe's column mapping.
+    """
     from fedpeft.models import load_tokenizer
 
     ds = first_split(load_path(path))
+    if cfg.model.kind == "causal-lm":
+        try:
+            records = standardize(ds, cfg.data, "node data")
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
+        return tokenize_instructions(records, load_tokenizer(cfg.model), cfg)
     text_col, label_col = cfg.data.text_column, cfg.data.label_column
     missing = [c for c in (text_col, label_col) if c not in ds.column_names]
     if missing:
@@ -79,5 +91,6 @@ class NodeTask(PreparedTask):
 
 def node_task(task: PreparedTask, cfg: Config, path: str, client_id: int) -> NodeTask:
     """`task` with client `client_id`'s training data read from the node's data file."""
-    return NodeTask(task.train, task.test, task.partitions, task.label_names, task.pad_token_id,
-                    client_id=client_id, own=load_node_data(path, cfg, task.label_names))
+    return NodeTask(task.train, task.test, task.partitions, task.label_names, task.pad_token_id, kind=task.kind,
+                    eos_token_id=task.eos_token_id, client_id=client_id,
+                    own=load_node_data(path, cfg, task.label_names))
