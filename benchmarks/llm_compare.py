@@ -37,7 +37,7 @@ RUNS = {  # key: (label, recipe, overrides)
     "codec-topk": ("FedAvg, top-10 % uploads + error feedback", "llm-codec-topk.toml", []),
     "fedkseed-full": ("FedKSeed, every weight", "llm-fedkseed.toml", []),
     "fedkseed-adapter": ("FedKSeed, LoRA adapter", "llm-fedkseed.toml", ['method.scope="adapter"',
-                                                                          "train.lr=0.003"]),
+                                                                          "train.lr=0.001"]),
     "fedkseed-full-eq": ("FedKSeed, every weight, FedAvg's client compute", "llm-fedkseed.toml", []),
 }
 

@@ -51,7 +51,7 @@ def test_response_loss_falls_and_rouge_l_rises(learned):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert all("perplexity" in r for r in rows)
     assert s["primary_metric"] == "rouge_l" and s["final_rouge_l"] > s["initial_rouge_l"]
-    assert s["final_rouge_l"] >= 0.2 and 0.0 <= s["final_exact_match"] <= 1.0
+    assert s["final_rouge_l"] >= 0.1 and 0.0 <= s["final_exact_match"] <= 1.0
     assert 0.0 < s["generation_share"] < 0.5
     assert all(r["clients"] == 5 and r["rejected"] == 0 for r in rows[1:])
 
