@@ -21,12 +21,13 @@ Each finished run is stored as <out>/<key>.json; the table is assembled from wha
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from runlist import comparison_parser, run_selected  # benchmarks/ is the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {  # key: (label, recipe, overrides)
@@ -114,22 +115,14 @@ def table(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected configurations one after another, then print the table of everything finished."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "llm-compare")
-    ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
-    ap.add_argument("--set", action="append", default=[], dest="extra", help="extra key=value override for all")
-    ap.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    ap = comparison_parser(__doc__, RUNS, ROOT / "runs" / "llm-compare")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.table:
-        keys = [k.strip() for k in args.only.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in RUNS]
-        if unknown:
-            ap.error(f"unknown run(s) {unknown} (known: {', '.join(RUNS)})")
-        for key in keys:
-            r = run(key, args.out, args.extra)
-            print(f"{key}: final Rouge-L {r['rouge_l'][-1][1]:.3f}, {_size(r['bytes_total'])}, {r['wall_s']:.0f} s",
-                  flush=True)
+
+    def one(key: str) -> str:
+        r = run(key, args.out, args.extra)
+        return f"{key}: final Rouge-L {r['rouge_l'][-1][1]:.3f}, {_size(r['bytes_total'])}, {r['wall_s']:.0f} s"
+
+    run_selected(ap, args, RUNS, one)
     print(table(args.out))
     return 0
 

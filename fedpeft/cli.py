@@ -70,7 +70,7 @@ def simulate(
         exit_expected(err)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.name}: method [cyan]{cfg.method.name}[/cyan], adapter [cyan]{cfg.adapter.type}[/cyan], "
-        f"model {cfg.model.source}, {cfg.sim.num_clients} clients, {cfg.sim.clients_per_round}/round, {cfg.sim.rounds} rounds"
+        f"model {cfg.model.source}{' causal LM' if cfg.model.kind == 'causal-lm' else ''}, {cfg.sim.num_clients} clients, {cfg.sim.clients_per_round}/round, {cfg.sim.rounds} rounds"
     )
     from fedpeft.simulation import simulate as run_simulation
 
