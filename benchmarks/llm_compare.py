@@ -9,10 +9,11 @@ the same 100 clients, sampling (10 per round) and rounds as `simulations/llm-def
     codec-topk        top-10 % uploads with error feedback (llm-codec-topk.toml)
     fedkseed-full     FedKSeed over every weight (llm-fedkseed.toml), at the same local steps
     fedkseed-adapter  FedKSeed over the LoRA adapter
-    fedkseed-full-eq  FedKSeed over every weight at FedAvg's client compute: local steps scaled so a
-                      client's measured wall seconds of local training match FedAvg's
+    fedkseed-full-eq  FedKSeed over every weight at FedAvg's client compute: local steps scaled by the
+                      measured ratio of a first-order LoRA step's wall time to a FedKSeed step's
+                      (timed alternately on the same batches; <out>/calibration.json)
 
-    python benchmarks/llm_compare.py                 # all (fedavg and fedkseed-full before fedkseed-full-eq)
+    python benchmarks/llm_compare.py                 # all
     python benchmarks/llm_compare.py --only fedavg   # some
     python benchmarks/llm_compare.py --table         # the table of what has finished
 
@@ -60,10 +61,62 @@ def mean_train_s(rows: list[dict]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def equal_compute_steps(out: Path) -> int:
-    """Local steps for FedKSeed at FedAvg's client compute, from the finished fedavg and fedkseed-full runs."""
-    fo, zo = (json.loads((out / f"{k}.json").read_text()) for k in ("fedavg", "fedkseed-full"))
-    return max(1, round(zo["local_steps"] * fo["client_train_s"] / zo["client_train_s"]))
+def step_seconds(repeats: int = 6) -> tuple[float, float]:
+    """Median wall seconds of one first-order LoRA step and one FedKSeed step over every weight.
+
+    The two are timed alternately on the same batches, so a machine whose load drifts slows
+    both alike; their ratio is what equal client compute needs.
+    """
+    import statistics
+    import tempfile
+    import time
+
+    import numpy as np
+    import torch
+
+    from fedpeft.causal_lm import batch_loss
+    from fedpeft.data.prepared import prepare, train_batches
+    from fedpeft.models import build_model
+    from fedpeft.recipe import load
+    from fedpeft.zo import perturb, tuned_parameters
+
+    cfg = load(ROOT / "simulations" / "llm-default.toml", ["sim.num_clients=1", "sim.clients_per_round=1",
+                                                           "partition.type=iid"])
+    task = prepare(cfg, Path(tempfile.mkdtemp(prefix="fedpeft-calibrate-")))
+    model = build_model(cfg, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    every = tuned_parameters(model, "full")
+    batches = list(train_batches(task.train, cfg.train.batch_size, np.random.default_rng(0), task.pad_token_id,
+                                 steps=repeats + 1))
+    fo, zo = [], []
+    for i, b in enumerate(batches):
+        t = time.perf_counter()
+        model.train()
+        batch_loss(model, b).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        fo.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        model.eval()
+        with torch.inference_mode():
+            perturb(every, i, 1e-3)
+            plus = float(batch_loss(model, b))
+            perturb(every, i, -2e-3)
+            minus = float(batch_loss(model, b))
+            perturb(every, i, 1e-3 - 1e-5 * (plus - minus) / 2e-3)
+        zo.append(time.perf_counter() - t)
+    return statistics.median(fo[1:]), statistics.median(zo[1:])  # the first of each warms caches up
+
+
+def equal_compute_steps(out: Path, local_steps: int) -> int:
+    """FedKSeed's local steps at FedAvg's client compute (from `step_seconds`, stored in <out>/calibration.json)."""
+    path = out / "calibration.json"
+    if not path.is_file():
+        fo, zo = step_seconds()
+        path.write_text(json.dumps({"first_order_step_s": fo, "zo_full_step_s": zo}))
+    cal = json.loads(path.read_text())
+    return max(1, round(local_steps * cal["first_order_step_s"] / cal["zo_full_step_s"]))
 
 
 def run(key: str, out: Path, extra: list[str]) -> dict:
@@ -74,9 +127,10 @@ def run(key: str, out: Path, extra: list[str]) -> dict:
 
     label, recipe, own = RUNS[key]
     overrides = [*own, f'output.dir="{out / "runs"}"', f'name="{key}"', *extra]
-    if key == "fedkseed-full-eq":
-        overrides.append(f"train.local_steps={equal_compute_steps(out)}")
     cfg = load(ROOT / "simulations" / recipe, overrides)
+    if key == "fedkseed-full-eq":
+        overrides.append(f"train.local_steps={equal_compute_steps(out, cfg.train.local_steps)}")
+        cfg = load(ROOT / "simulations" / recipe, overrides)
     summary = simulate(cfg)
     run_dir = Path(summary["run_dir"])
     rows = RunDir(run_dir).metrics()
