@@ -150,8 +150,7 @@ class RunDir:
         path = self.path / METRICS_FILE
         if not path.is_file():
             return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r for r in rows if "event" not in r]
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def summary(self) -> dict[str, Any]:
         """The run summary."""

@@ -137,7 +137,7 @@ def collate(rows_ids: list[list[int]], labels: list, pad_id: int) -> dict[str, t
     for i, r in enumerate(rows_ids):
         ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
-    if labels and not isinstance(labels[0], (int, np.integer)):
+    if labels and isinstance(labels[0], (list, tuple, np.ndarray)):  # causal-lm: one label per token
         tokens = np.full((len(rows_ids), width), IGNORE_INDEX, dtype=np.int64)
         for i, lab in enumerate(labels):
             tokens[i, : len(lab)] = lab
