@@ -22,7 +22,7 @@ NO_VALUE = "–"  # a metric not measured yet (causal-LM runs score only their g
 SUMMARY_EXTRAS = (
     ("final_exact_match", "exact match (final)", "{:.4f}"),
     ("final_perplexity", "perplexity (final)", "{:.2f}"),
-    ("generation_share", "generation share of round time", "{:.0%}"),
+    ("generation_share", "generation share of round time", "{:.1%}"),
 )
 
 

@@ -21,7 +21,7 @@ Column = tuple[str, str, Callable[[Any], str]]  # (header, key of comparison_row
 
 
 def _share(v: float | None) -> str:
-    return DASH if v is None else f"{v:.0%}"
+    return DASH if v is None else f"{v:.1%}"
 
 
 def display_columns(stats: list[RunStats]) -> list[Column]:
