@@ -1,4 +1,5 @@
-"""Causal-LM instruction tuning end to end on real Flower + Ray + peft (+ Opacus): learning, export, user files, DP, FedKSeed, deploy."""
+"""Causal-LM instruction tuning end to end on real Flower + Ray + peft (+ Opacus): a Dolly file learned through
+the CLI and its exported adapter, an Alpaca file under DP-SGD, FedKSeed's bytes, a deployment."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from fedpeft.simulation import simulate
 ROOT = Path(__file__).resolve().parents[1]
 LLM_SMOKE = ROOT / "simulations" / "llm-smoke.toml"
 # Short answers from a handful of words: learnable by the tiny decoder in a few rounds.
-LEARNABLE = ['data.builtin.categories=["sentiment", "topic"]', "data.builtin.num_train=600", "data.builtin.num_test=64",
-             "sim.num_clients=10", "sim.clients_per_round=5", "sim.rounds=3", "train.local_steps=12",
+LEARNABLE = ["sim.num_clients=10", "sim.clients_per_round=5", "sim.rounds=3", "train.local_steps=12",
              "train.lr=0.02", "eval.generate_examples=32", "output.checkpoint_every=0"]
 
 
@@ -35,14 +35,32 @@ def _cli(args: list[str], tmp_path: Path):
                           text=True, timeout=900)
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory) -> dict:
-    """10 clients x 3 rounds of FedAvg-LoRA on the tiny decoder, built-in instructions."""
-    out = tmp_path_factory.mktemp("llm-runs")
-    cfg = load(LLM_SMOKE, [*LEARNABLE, f'output.dir="{out}"'])
-    rounds: list[dict] = []
-    summary = simulate(cfg, on_round=rounds.append)
-    return {"cfg": cfg, "summary": summary, "rounds": rounds, "run_dir": Path(summary["run_dir"])}
+    """A Dolly-format JSONL through the CLI: 10 clients x 3 rounds of FedAvg-LoRA on the tiny decoder."""
+    tmp = tmp_path_factory.mktemp("llm-dolly")
+    # Dolly-15K's own columns: instruction / context / response / category (context often empty).
+    rows = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": r["category"]}
+            for r in generate(700, seed=5, categories=["sentiment", "topic"])]
+    data = _write_jsonl(tmp / "dolly.jsonl", rows)
+    res = _cli(["simulate", str(LLM_SMOKE), *_sets([*LEARNABLE, "data.source=file", f"data.path={data}",
+                                                    "data.test_fraction=0.1", "partition.type=dirichlet",
+                                                    "partition.by=category", "partition.alpha=0.5",
+                                                    f"output.dir={tmp / 'runs'}"])], tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_dir = next((tmp / "runs").iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"cfg": load(run_dir / "config.toml"), "summary": json.loads((run_dir / "summary.json").read_text()),
+            "rounds": rows, "run_dir": run_dir, "stdout": res.stdout}
 
 
 def test_response_loss_falls_and_rouge_l_rises(learned):
@@ -54,6 +72,7 @@ def test_response_loss_falls_and_rouge_l_rises(learned):
     assert s["final_rouge_l"] >= 0.1 and 0.0 <= s["final_exact_match"] <= 1.0
     assert 0.0 < s["generation_share"] < 0.5
     assert all(r["clients"] == 5 and r["rejected"] == 0 for r in rows[1:])
+    assert "Rouge-L (round 0 → final)" in learned["stdout"] and "exact match (final)" in learned["stdout"]
 
 
 def test_exported_adapter_reloads_and_generates_the_same_tokens(learned):
@@ -75,11 +94,6 @@ def test_exported_adapter_reloads_and_generates_the_same_tokens(learned):
     assert fresh != again
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _busiest_client_per_round(run_dir: Path) -> dict[int, int]:
     per = defaultdict(int)
     with (run_dir / "comm.csv").open() as f:
@@ -92,24 +106,13 @@ def _busiest_client_per_round(run_dir: Path) -> dict[int, int]:
     return out
 
 
-def test_dolly_jsonl_through_the_cli_with_fedkseed_stays_under_18_kb_per_client_round(tmp_path):
-    # Dolly-15K's own columns: instruction / context / response / category (context often empty).
-    ds = generate(400, seed=5)
-    rows = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": r["category"]}
-            for r in ds]
-    data = _write_jsonl(tmp_path / "dolly.jsonl", rows)
-    res = _cli(["simulate", str(LLM_SMOKE), "--set", "data.source=file", "--set", f"data.path={data}",
-                "--set", "partition.type=dirichlet", "--set", "partition.by=category", "--set", "partition.alpha=0.5",
-                "--set", "method.name=fedkseed", "--set", "method.num_seeds=1024", "--set", "method.eps=0.001",
-                "--set", "sim.num_clients=6", "--set", "sim.clients_per_round=3", "--set", "sim.rounds=2",
-                "--set", "train.lr=0.0005",
-                "--set", f"output.dir={tmp_path / 'runs'}"], tmp_path)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "Rouge-L (round 0 → final)" in res.stdout
-    run_dir = next((tmp_path / "runs").iterdir())
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_fedkseed_on_a_causal_lm_keeps_the_busiest_client_under_18_kb_per_round(tmp_path):
+    cfg = load(LLM_SMOKE, ["method.name=fedkseed", "method.num_seeds=1024", "method.eps=0.001", "train.lr=0.0005",
+                           "sim.num_clients=6", "sim.clients_per_round=3", "sim.rounds=2", "output.checkpoint_every=0",
+                           f'output.dir="{tmp_path / "runs"}"'])
+    summary = simulate(cfg)
     assert summary["method"] == "fedkseed" and summary["participations"] == 6
-    busiest = _busiest_client_per_round(run_dir)
+    busiest = _busiest_client_per_round(Path(summary["run_dir"]))
     assert sorted(busiest) == [1, 2] and max(busiest.values()) <= 18_000, busiest
 
 
@@ -117,10 +120,9 @@ def test_alpaca_jsonl_through_the_cli_with_dp_sgd_reports_epsilon_and_moves_the_
     ds = generate(400, seed=6, categories=["sentiment", "antonym", "plural"])
     rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in ds]
     data = _write_jsonl(tmp_path / "alpaca.jsonl", rows)
-    res = _cli(["simulate", str(LLM_SMOKE), "--set", "data.source=file", "--set", f"data.path={data}",
-                "--set", "dp.enabled=true", "--set", "dp.noise_multiplier=0.8", "--set", "dp.max_grad_norm=1.0",
-                "--set", "sim.num_clients=4", "--set", "sim.clients_per_round=2", "--set", "sim.rounds=1",
-                "--set", f"output.dir={tmp_path / 'runs'}"], tmp_path)
+    res = _cli(["simulate", str(LLM_SMOKE), *_sets([
+        "data.source=file", f"data.path={data}", "dp.enabled=true", "dp.noise_multiplier=0.8", "dp.max_grad_norm=1.0",
+        "sim.num_clients=4", "sim.clients_per_round=2", "sim.rounds=1", f"output.dir={tmp_path / 'runs'}"])], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "sample-level ε" in res.stdout
     run_dir = next((tmp_path / "runs").iterdir())

@@ -117,7 +117,7 @@ def test_causal_report_shows_rouge_l(tmp_path):
     md = files["report.md"].read_text()
     assert "| Rouge-L round 0 → final (best) | 0.1000 → 0.4000 (0.4000) |" in md
     assert "| exact match (final) | 0.2000 |" in md and "| perplexity (final) | 6.69 |" in md
-    assert "| generation share of round time | 25% |" in md
+    assert "| generation share of round time | 25.0% |" in md
     assert "bytes to 50% of final Rouge-L" in md and "reached at round 3 (Rouge-L ≥ 0.2000)" in md
     assert "![Rouge-L and loss vs round](plots/causal/rouge_l_loss_vs_round.png)" in md
     assert "only rounds that measured it count" in md and "accuracy" not in md
@@ -196,7 +196,7 @@ def test_closing_table_and_result_line_follow_the_primary_metric():
     assert re.search(r"Rouge-L \(round 0 → final\)\s+│?\s*0\.1000 → 0\.4120 \(best 0\.4500\)", causal)
     assert re.search(r"exact match \(final\)\s+│?\s*0\.2000", causal)
     assert re.search(r"perplexity \(final\)\s+│?\s*6\.69", causal)
-    assert re.search(r"generation share of round time\s+│?\s*25%", causal) and "accuracy" not in causal
+    assert re.search(r"generation share of round time\s+│?\s*25.0%", causal) and "accuracy" not in causal
     classify = _text(summary_table(_summary()))
     assert re.search(r"accuracy \(round 0 → final\)\s+│?\s*0\.1000 → 0\.8000 \(best 0\.8500\)", classify)
     assert "exact match" not in classify and "Rouge-L" not in classify
