@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-IGNORE = -100
+from fedpeft.data.prompts import IGNORE_INDEX as IGNORE  # the one label of prompt and padding positions
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

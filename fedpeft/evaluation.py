@@ -15,7 +15,6 @@ from fedpeft.models import load_tokenizer
 from fedpeft.scores import PRIMARY_BY_KIND
 
 
-
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, test: Dataset, batch_size: int, pad_id: int) -> dict[str, float]:
     """Accuracy and mean cross-entropy of a classifier on `test`."""
@@ -82,13 +81,13 @@ class Evaluator:
         every = self.cfg.eval.generate_every
         return server_round in (0, self.cfg.sim.rounds) or (every > 0 and server_round % every == 0)
 
-    def __call__(self, model: torch.nn.Module, server_round: int, generate: bool | None = None) -> dict[str, float]:
-        """Metrics of `model` after `server_round`; `generate` forces generation on or off."""
+    def __call__(self, model: torch.nn.Module, server_round: int) -> dict[str, float]:
+        """Metrics of `model` after `server_round` (generation scores only on generation rounds)."""
         cfg, task = self.cfg, self.task
         if task.kind == "classifier":
             return evaluate(model, task.test, cfg.sim.eval_batch_size, task.pad_token_id)
         out = held_out_loss(model, eval_batches(task.test, cfg.sim.eval_batch_size, task.pad_token_id))
-        if self.generates_at(server_round) if generate is None else generate:
+        if self.generates_at(server_round):
             scores, self.samples = generation_scores(
                 model, task.test, tokenizer_for(cfg), cfg.eval.generate_examples, cfg.sim.eval_batch_size,
                 cfg.eval.max_new_tokens, task.pad_token_id, task.eos_token_id)

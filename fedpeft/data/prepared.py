@@ -16,12 +16,11 @@ from fedpeft.config import Config
 from fedpeft.data.instruction_task import tokenize_instructions
 from fedpeft.data.instructions import load_instructions
 from fedpeft.data.partitioning import partition_indices
-from fedpeft.data.prompts import special_ids
+from fedpeft.data.prompts import IGNORE_INDEX, special_ids
 from fedpeft.data.sources import DataError, load_raw
 from fedpeft.seeding import rng
 
 META_FILE = "task.json"
-IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 # Bumped when what `prepare` writes changes, so caches keyed by the config are not reused across it
 # (2: labels are always int64 class indices, whatever the source column's type was; 3: causal-lm tasks).
 TASK_FORMAT = 3
