@@ -59,7 +59,7 @@ def row(run_dir: str | Path) -> dict:
     if extra:
         chain += ";" + ";".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in extra.items())
     reach = next((m["round"] for m in run.metrics if m["round"] > 0 and m["accuracy"] >= 0.99), None)
-    return {"chain": chain, "reach": reach, "final": stats.final_accuracy, "best": stats.best_accuracy, "up": stats.bytes_up,
+    return {"chain": chain, "reach": reach, "final": stats.final_score, "best": stats.best_score, "up": stats.bytes_up,
             "down": stats.bytes_down, "rejected": sum(int(m.get("rejected", 0)) for m in run.metrics)}
 
 

@@ -16,10 +16,11 @@ a lock) and the table is assembled from whatever has finished.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from runlist import comparison_parser, run_selected  # benchmarks/ is the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "simulations"
@@ -38,6 +39,7 @@ METHODS: dict[str, tuple[str, str, list[str]]] = {
 def run_method(key: str, rounds: int, alpha: float, out: Path, extra: list[str]) -> dict:
     """Run one method's recipe with the shared overrides; return and store its figures."""
     from fedpeft.recipe import load
+    from fedpeft.rundir import RunDir
     from fedpeft.simulation import simulate
 
     label, recipe, sized = METHODS[key]
@@ -45,7 +47,7 @@ def run_method(key: str, rounds: int, alpha: float, out: Path, extra: list[str])
                  f'name="{key}"', *sized, *extra]
     cfg = load(RECIPES / recipe, overrides)
     summary = simulate(cfg)
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(Path(summary["run_dir"])).metrics()  # round rows only (a budget stop adds an event line)
     result = {
         "key": key, "label": label, "recipe": f"simulations/{recipe}", "overrides": overrides,
         "rounds": rounds, "final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
@@ -75,24 +77,16 @@ def table(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected methods, then print the table of everything finished."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = comparison_parser(__doc__, METHODS, ROOT / "runs" / "lowrank-compare")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the partition")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lowrank-compare")
-    ap.add_argument("--only", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    ap.add_argument("--set", action="append", default=[], dest="extra", help="extra key=value override for all")
-    ap.add_argument("--table", action="store_true", help="only print the table of finished runs")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.table:
-        keys = [k.strip() for k in args.only.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in METHODS]
-        if unknown:
-            ap.error(f"unknown method(s) {unknown} (known: {', '.join(METHODS)})")
-        for key in keys:
-            r = run_method(key, args.rounds, args.alpha, args.out, args.extra)
-            print(f"{key}: accuracy {r['final_accuracy']:.3f}, {r['bytes_total'] / 1e6:.1f} MB, {r['wall_s']:.0f} s",
-                  flush=True)
+
+    def one(key: str) -> str:
+        r = run_method(key, args.rounds, args.alpha, args.out, args.extra)
+        return f"{key}: accuracy {r['final_accuracy']:.3f}, {r['bytes_total'] / 1e6:.1f} MB, {r['wall_s']:.0f} s"
+
+    run_selected(ap, args, METHODS, one)
     print(table(args.out))
     return 0
 

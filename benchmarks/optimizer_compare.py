@@ -13,10 +13,11 @@ Each finished run is stored as <out>/<key>.json; the table is assembled from wha
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from runlist import comparison_parser, run_selected  # benchmarks/ is the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # key: (label, recipe)
@@ -34,13 +35,14 @@ SHOWN_ROUNDS = (2, 4, 6, 8, 10, 12)
 def run(key: str, rounds: int, alpha: float, out: Path, extra: list[str]) -> dict:
     """Run one method's recipe with the shared overrides; store and return its per-round figures."""
     from fedpeft.recipe import load
+    from fedpeft.rundir import RunDir
     from fedpeft.simulation import simulate
 
     label, recipe = METHODS[key]
     overrides = [f"partition.alpha={alpha}", f"sim.rounds={rounds}", f'output.dir="{out / "runs"}"',
                  f'name="{key}"', *extra]
     summary = simulate(load(ROOT / "simulations" / recipe, overrides))
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(Path(summary["run_dir"])).metrics()  # round rows only (a budget stop adds an event line)
     result = {"key": key, "label": label, "recipe": f"simulations/{recipe}", "overrides": overrides,
               "accuracy": [r["accuracy"] for r in rows], "bytes_down": summary["bytes_down"],
               "bytes_up": summary["bytes_up"], "bytes_total": summary["bytes_total"],
@@ -69,25 +71,17 @@ def table(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected methods one after another, then print the table of everything finished."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = comparison_parser(__doc__, METHODS, ROOT / "runs" / "optimizer-compare",
+                           only="fedavg,fedprox,scaffold,fedadam,fedyogi,fedavgm")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the partition")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "optimizer-compare")
-    ap.add_argument("--only", default="fedavg,fedprox,scaffold,fedadam,fedyogi,fedavgm",
-                    help=f"comma-separated subset of {', '.join(METHODS)}")
-    ap.add_argument("--set", action="append", default=[], dest="extra", help="extra key=value override for all")
-    ap.add_argument("--table", action="store_true", help="only print the table of finished runs")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.table:
-        keys = [k.strip() for k in args.only.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in METHODS]
-        if unknown:
-            ap.error(f"unknown method(s) {unknown} (known: {', '.join(METHODS)})")
-        for key in keys:
-            r = run(key, args.rounds, args.alpha, args.out, args.extra)
-            print(f"{key}: final accuracy {r['accuracy'][-1]:.3f}, {r['bytes_total'] / 1e6:.1f} MB, "
-                  f"{r['wall_s']:.0f} s", flush=True)
+
+    def one(key: str) -> str:
+        r = run(key, args.rounds, args.alpha, args.out, args.extra)
+        return f"{key}: final accuracy {r['accuracy'][-1]:.3f}, {r['bytes_total'] / 1e6:.1f} MB, {r['wall_s']:.0f} s"
+
+    run_selected(ap, args, METHODS, one)
     print(table(args.out))
     return 0
 

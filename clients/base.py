@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
+import torch
 from flwr.app import Message, RecordDict
 
-from fedpeft.adapters import adapter_state
+from fedpeft.adapters import adapter_parameters, adapter_state
 from fedpeft.config import Config
 from fedpeft.data import PreparedTask
 from fedpeft.state import ClientStateStore, store_for
@@ -40,6 +42,11 @@ class Trainer(ABC):
         self.method = method or get_strategy_class(rt.cfg.method.name)
         self.method.prepare_model(rt.model)
         self.keys: frozenset[str] = frozenset(k for k in adapter_state(rt.model) if self.method.exchanged(k))
+
+    @cached_property
+    def exchanged_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The worker model's parameter behind each exchanged adapter key (mapped once per process)."""
+        return adapter_parameters(self.rt.model, self.keys)
 
     def store(self, msg: Message) -> ClientStateStore:
         """The client state store of this message's run."""

@@ -12,18 +12,19 @@ import torch
 from clients.first_order import FirstOrderTrainer
 from clients.local_steps import LocalRound
 from clients.registry import register_trainer
-from fedpeft.adapters import adapter_parameters
 
 
 @register_trainer("fedprox")
 class FedProxTrainer(FirstOrderTrainer):
     """First-order training with the proximal term towards the adapter the round started from."""
 
+    def __init__(self, rt, method: type | None = None) -> None:
+        super().__init__(rt, method)
+        self.mu = float(self.method.Options.model_validate(rt.cfg.method.options()).mu)
+
     def begin(self, ctx: LocalRound) -> None:
         """Remember the global adapter tensors (the ones that travel) the round starts from."""
-        self.mu = float(self.method.Options.model_validate(self.rt.cfg.method.options()).mu)
-        params = adapter_parameters(self.rt.model, self.keys)
-        ctx.scratch["prox"] = [(p, p.detach().clone()) for p in params.values() if p.requires_grad]
+        ctx.scratch["prox"] = [(p, p.detach().clone()) for p in self.exchanged_parameters.values() if p.requires_grad]
 
     def adjust_gradients(self, ctx: LocalRound) -> None:
         """grad += μ (w − w_global) on every exchanged trainable tensor."""

@@ -7,6 +7,8 @@ DP-SGD, after privatization), `after_step`, `upload` (what the reply carries).
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
@@ -15,7 +17,8 @@ from clients.local_steps import DPSteps, LocalRound, PlainSteps, make_optimizer
 from clients.registry import register_trainer
 from clients.rows import ClientRows
 from fedpeft.adapters import adapter_state, load_adapter_state
-from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
+from fedpeft.causal_lm import batch_loss
+from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import derive_seed
 
 __all__ = ["FirstOrderTrainer", "make_optimizer"]
@@ -31,6 +34,7 @@ class FirstOrderTrainer(Trainer):
 
     def train(self, msg: Message, cid: int) -> RecordDict:
         """Train on client `cid` from the global adapter in `msg`; reply with adapter + metrics."""
+        t0 = time.perf_counter()
         cfg, model = self.rt.cfg, self.rt.model
         server_round = int(msg.content["config"][SERVER_ROUND])
         load_adapter_state(model, msg.content[ARRAYS].to_torch_state_dict(), keys=set(self.keys))
@@ -44,7 +48,7 @@ class FirstOrderTrainer(Trainer):
         finally:
             model.eval()
         metrics = {NUM_EXAMPLES: len(ctx.dataset), TRAIN_LOSS: ctx.loss_sum / max(ctx.steps, 1),
-                   "train-steps": ctx.steps, **ctx.metrics}
+                   "train-steps": ctx.steps, TRAIN_SECONDS: time.perf_counter() - t0, **ctx.metrics}
         return self.upload(ctx, metrics)
 
     # ----- hooks ------------------------------------------------------------------------------
@@ -52,8 +56,8 @@ class FirstOrderTrainer(Trainer):
         """Called once the global adapter is loaded, before the first step."""
 
     def loss(self, ctx: LocalRound, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of one batch (the model's own loss)."""
-        return model(**batch).loss
+        """The training loss of one batch (the task's: class cross-entropy, or the response-token loss)."""
+        return batch_loss(model, batch)
 
     base_loss = loss  # lets the DP engine tell whether a subclass changed the loss
 

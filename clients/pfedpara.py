@@ -11,7 +11,7 @@ from clients.base import ClientRuntime
 from clients.first_order import FirstOrderTrainer
 from clients.registry import register_trainer
 from fedpeft.adapters import adapter_state, load_adapter_state
-from fedpeft.evaluation import evaluate
+from fedpeft.evaluation import local_score
 from fedpeft.seeding import torch_generator
 from strategies.pfedpara import GLOBAL_LOCAL, LOCAL_SET, LOCAL_TEST, PERSONAL, is_local
 
@@ -58,7 +58,7 @@ class PFedParaTrainer(FirstOrderTrainer):
         load_adapter_state(model, {**glob, **initial}, keys=everything)
 
         def evaluate_local() -> float:
-            return evaluate(model, test, cfg.sim.eval_batch_size, task.pad_token_id)["accuracy"]
+            return local_score(model, test, cfg, task)
 
         global_acc = evaluate_local() if len(test) else 0.0
         saved = store.load_arrays(cid, LOCAL_SET)

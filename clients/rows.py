@@ -13,21 +13,24 @@ from typing import Any
 
 from fedpeft.data import PreparedTask
 
-_COLUMNS = ("input_ids", "label")
+_COLUMNS = ("input_ids", "label", "labels")  # what the batchers read: ids and class or token labels
 _cache: dict[int, tuple[PreparedTask, dict[str, list]]] = {}
 
 
-def _columns(task: PreparedTask) -> dict[str, list]:
+def _column(task: PreparedTask, name: str) -> list:
     hit = _cache.get(id(task))
     if hit is None or hit[0] is not task:
         if len(_cache) >= 2:
             _cache.clear()
-        hit = _cache[id(task)] = (task, {c: list(task.train[c]) for c in _COLUMNS})
-    return hit[1]
+        hit = _cache[id(task)] = (task, {})
+    cols = hit[1]
+    if name not in cols:
+        cols[name] = list(task.train[name])
+    return cols[name]
 
 
 class ClientRows:
-    """Client `cid`'s partition of `task.train`: `len`, `rows["input_ids"]`, `rows["label"]` cheaply, the rest lazily."""
+    """Client `cid`'s partition of `task.train`: `len`, `rows["input_ids"]` and the label column cheaply, the rest lazily."""
 
     def __init__(self, task: PreparedTask, cid: int) -> None:
         if not 0 <= cid < len(task.partitions):
@@ -38,10 +41,15 @@ class ClientRows:
         return len(self._idx)
 
     def __getitem__(self, key: Any):
-        if isinstance(key, str) and key in _COLUMNS:
-            col = _columns(self._task)[key]
+        if isinstance(key, str) and key in _COLUMNS and key in self._task.train.column_names:
+            col = _column(self._task, key)
             return [col[i] for i in self._idx]
         return self.dataset[key]
+
+    @property
+    def column_names(self) -> list[str]:
+        """The columns of the task's training split."""
+        return self._task.train.column_names
 
     @cached_property
     def dataset(self):

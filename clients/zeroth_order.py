@@ -9,6 +9,7 @@ shortcut that is not charged because a real client never needs it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.base import ClientRuntime, Trainer
 from clients.registry import register_trainer
+from fedpeft.causal_lm import batch_loss
 from fedpeft.data.prepared import train_batches
-from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
+from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import rng
 from fedpeft.zo import pack_scalars, perturb, pro_probabilities, replay, seed_pool, tuned_parameters
 from strategies.fedkseed import HISTORY_FILE, SCALARS_RECORD, read_history_file, unpack_history
@@ -64,6 +66,7 @@ class ZerothOrderTrainer(Trainer):
 
     def train(self, msg: Message, cid: int) -> RecordDict:
         """Sync, take local ZO steps, restore the global model, reply with per-seed scalars."""
+        t0 = time.perf_counter()  # client compute includes replaying the rounds it missed
         cfg, model, task = self.rt.cfg, self.rt.model, self.rt.task
         c = msg.content["config"]
         server_round = int(c[SERVER_ROUND])
@@ -88,9 +91,9 @@ class ZerothOrderTrainer(Trainer):
                 i = int(picks.choice(self.k, p=p))
                 seed = int(self.pool[i])
                 perturb(self.params, seed, eps, self.opts.direction)
-                plus = float(model(**batch).loss)
+                plus = float(batch_loss(model, batch))
                 perturb(self.params, seed, -2 * eps, self.opts.direction)
-                minus = float(model(**batch).loss)
+                minus = float(batch_loss(model, batch))
                 g = (plus - minus) / (2 * eps)
                 perturb(self.params, seed, eps - lr * g, self.opts.direction)  # restore and step at once
                 acc[i] += g
@@ -98,7 +101,8 @@ class ZerothOrderTrainer(Trainer):
         for p_, s in zip(self.params, self.snapshot):
             p_.copy_(s)
         idx = np.flatnonzero(acc)
-        metrics = {NUM_EXAMPLES: len(ds), TRAIN_LOSS: float(np.mean(losses)) if losses else 0.0, "zo-steps": len(losses)}
+        metrics = {NUM_EXAMPLES: len(ds), TRAIN_LOSS: float(np.mean(losses)) if losses else 0.0, "zo-steps": len(losses),
+                   TRAIN_SECONDS: time.perf_counter() - t0}
         return RecordDict({
             SCALARS_RECORD: ConfigRecord({"scalars": pack_scalars(idx, acc[idx].astype(np.float32), self.k)}),
             "metrics": MetricRecord(metrics),

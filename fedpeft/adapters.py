@@ -37,13 +37,24 @@ def build_peft_config(adapter: AdapterConfig, task_type: str = "SEQ_CLS") -> "Pe
         raise ConfigError(f"adapter ({adapter.type}): {err}") from None
 
 
+def adapter_state_dict(model: "PeftModel") -> dict[str, torch.Tensor]:
+    """peft's state dict of the adapter, without the frozen base weights of targeted embedding layers.
+
+    With `lm_head` (or an embedding) among target_modules, peft would by default also save that
+    layer's whole frozen weight matrix; it never changes, so it neither travels nor is exported.
+    """
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
 _STATE_MAPS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _state_map(model: "PeftModel") -> dict[str, torch.Tensor] | None:
     """peft's adapter state-dict keys → the model's own tensors behind them, or None if any key is not one.
 
-    Built once per model from `get_peft_model_state_dict` (whose values share storage with the
+    Built once per model from `adapter_state_dict` (whose values share storage with the
     model's parameters) and reused while the model keeps the same parameters and active adapter:
     peft's call builds the whole model's state dict, which costs more than a small adapter's copy.
     """
@@ -52,11 +63,9 @@ def _state_map(model: "PeftModel") -> dict[str, torch.Tensor] | None:
     cached = _STATE_MAPS.get(model)
     if cached is not None and cached[0] == sig:
         return cached[1]
-    from peft import get_peft_model_state_dict
-
     by_ptr = {(p.data_ptr(), tuple(p.shape)): p for p in params}
     mapping: dict[str, torch.Tensor] | None = {}
-    for key, value in get_peft_model_state_dict(model).items():
+    for key, value in adapter_state_dict(model).items():
         p = by_ptr.get((value.data_ptr(), tuple(value.shape)))
         if p is None or p.dtype != value.dtype:
             mapping = None
@@ -71,9 +80,7 @@ def adapter_state(model: "PeftModel") -> dict[str, torch.Tensor]:
     mapping = _state_map(model)
     if mapping is not None:
         return {k: p.detach().cpu().clone() for k, p in mapping.items()}
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()}
 
 
 def load_adapter_state(model: "PeftModel", state: dict[str, torch.Tensor], keys: set[str] | None = None) -> None:
@@ -100,9 +107,7 @@ def load_adapter_state(model: "PeftModel", state: dict[str, torch.Tensor], keys:
 
 def get_adapter_keys(model: "PeftModel") -> list[str]:
     """Names of the adapter tensors exchanged for this model."""
-    from peft import get_peft_model_state_dict
-
-    return list(get_peft_model_state_dict(model).keys())
+    return list(adapter_state_dict(model).keys())
 
 
 

@@ -2,30 +2,61 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedpeft.cli_errors import console, current, exit_expected, guarded, run_failed, started
 from fedpeft.env import quiet_libraries, set_offline_env
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated PEFT simulations with exact byte accounting.")
-console = Console(stderr=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated PEFT simulations with exact byte accounting.",
+                  pretty_exceptions_show_locals=False)
 
-MB = 1024 * 1024
+TARGET_HELP = ("fraction of each run's final primary metric (accuracy; Rouge-L for causal-LM runs) that "
+               "'bytes to target' waits for, in (0, 1]")
+
+
+@contextmanager
+def _pinned_console():
+    """Keep the progress display on the terminal while a run sends all other output to its run.log."""
+    console.file = sys.stderr
+    try:
+        yield
+    finally:
+        console.file = None  # back to following sys.stderr
+
+
+def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool) -> tuple[dict | None, BaseException | None]:
+    """Run one simulation with a progress task per round; (summary, None) or (None, the exception it raised)."""
+    from fedpeft.cli_display import ProgressLine
+    from fedpeft.scores import primary_for_kind
+
+    task = progress.add_task("rounds", total=cfg.sim.rounds, status="preparing data and workers…")
+    line = ProgressLine(primary_for_kind(cfg.model.kind))
+
+    def on_round(row: dict) -> None:
+        progress.update(task, completed=row["round"], status=line.update(row))
+
+    try:
+        return run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=started), None
+    except BaseException as err:  # reported by the caller, once the progress display has stopped
+        return None, err
 
 
 @app.command()
+@guarded
 def simulate(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. simulations/default.toml")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=3e-4")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs and full tracebacks")] = False,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="attach to a running Ray cluster (HOST:PORT) instead of starting Ray")] = None,
 ) -> None:
@@ -36,23 +67,18 @@ def simulate(
     quiet_libraries(verbose)
     from fedpeft.config import ConfigError
     from fedpeft.recipe import load
-    from fedpeft.data import DataError
-    from fedpeft.models import ModelLoadError
 
     try:
         cfg = load(recipe, set_ or [])
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        exit_expected(err)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.name}: method [cyan]{cfg.method.name}[/cyan], adapter [cyan]{cfg.adapter.type}[/cyan], "
-        f"model {cfg.model.source}, {cfg.sim.num_clients} clients, {cfg.sim.clients_per_round}/round, {cfg.sim.rounds} rounds"
+        f"model {cfg.model.source}{' causal LM' if cfg.model.kind == 'causal-lm' else ''}, {cfg.sim.num_clients} clients, {cfg.sim.clients_per_round}/round, {cfg.sim.rounds} rounds"
     )
     from fedpeft.simulation import simulate as run_simulation
 
-    with Progress(
+    with _pinned_console(), Progress(
         TextColumn("[bold]round[/bold]"),
         MofNCompleteColumn(),
         BarColumn(),
@@ -61,59 +87,28 @@ def simulate(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("rounds", total=cfg.sim.rounds, status="preparing data and workers…")
-        sent = {"bytes": 0}
-
-        def on_round(row: dict) -> None:
-            sent["bytes"] += row["bytes_down"] + row["bytes_up"]
-            status = f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}  sent {sent['bytes'] / MB:.2f} MB"
-            if row.get("rejected"):
-                status += f"  rejected {row['rejected']}"
-            progress.update(task, completed=row["round"], status=status)
-
-        try:
-            summary = run_simulation(cfg, on_round=on_round, verbose=verbose)
-        except (ConfigError, DataError, ModelLoadError) as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]: rounds completed so far are in the run directory")
-            raise typer.Exit(130) from None
+        summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose)
+    if isinstance(failure, KeyboardInterrupt):
+        where = f" ({current.run_dir})" if current.run_dir else ""
+        console.print(f"[yellow]interrupted[/yellow]: rounds completed so far are in the run directory{where}")
+        raise typer.Exit(130)
+    run_failed(failure)
     _print_summary(summary)
 
 
 def _print_summary(s: dict) -> None:
-    table = Table(title=f"fedpeft run: {s['name']}", show_header=False)
-    table.add_row("method / adapter", f"{s['method']} / {s['adapter']}")
-    table.add_row("accuracy (round 0 → final)", f"{s['initial_accuracy']:.4f} → {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f})")
-    table.add_row("bytes down / up", f"{s['bytes_down'] / MB:.3f} MB / {s['bytes_up'] / MB:.3f} MB")
-    table.add_row("client participations", str(s["participations"]))
-    table.add_row("full-model FedAvg would send", f"{s['full_model_fedavg_bytes'] / MB:.1f} MB "
-                  f"({s['full_model_fedavg_bytes'] / max(s['bytes_total'], 1):.0f}x more)")
-    table.add_row("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}")
-    table.add_row("rejected replies", str(s["rejected"]))
-    if "epsilon_max" in s:
-        table.add_row("sample-level ε (max / median)", f"{s['epsilon_max']:.3f} / {s['epsilon_median']:.3f}")
-    if "user_epsilon" in s:
-        table.add_row("user-level ε", f"{s['user_epsilon']:.3f} at δ = {s['user_delta']:.3g} "
-                      f"({s['user_releases']} rounds, q = {s['user_sample_rate']:.3g})")
-    table.add_row("wall time", f"{s['wall_s']:.1f} s")
-    table.add_row("run directory", s["run_dir"])
-    Console().print(table)
+    from fedpeft.cli_display import summary_table
 
-
-def _report_error(err: object) -> None:
-    console.print(f"[red]error:[/red] {err}")
-    raise typer.Exit(2) from None
+    Console().print(summary_table(s))
 
 
 @app.command()
+@guarded
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories, e.g. runs/smoke-20250101-120000")],
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: the run directory for one run, "
                                                  "runs/report-<timestamp>/ for several)")] = None,
-    target_accuracy: Annotated[float, typer.Option("--target-accuracy", help="fraction of the final accuracy for "
-                                                   "'bytes to target', in (0, 1]")] = 0.9,
+    target: Annotated[float, typer.Option("--target", "--target-accuracy", help=TARGET_HELP)] = 0.9,
 ) -> None:
     """Write a communication-cost report (report.html, report.md, CSV tables, PNG plots) of one or more runs."""
     from fedpeft.report import ReportError, make_report
@@ -121,10 +116,20 @@ def report(
     if out is None:
         out = run_dirs[0] / "report" if len(run_dirs) == 1 else Path("runs") / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        files = make_report(run_dirs, out, target_accuracy)
+        files = make_report(run_dirs, out, target)
     except ReportError as err:
-        _report_error(err)
+        exit_expected(err)
+    _print_incomplete(run_dirs)
     _print_report_files(files)
+
+
+def _print_incomplete(run_dirs: list[Path]) -> None:
+    from fedpeft.rundir import describe_status, read_status
+
+    for d in run_dirs:
+        why = describe_status(read_status(d))
+        if why:
+            console.print(f"[yellow]note:[/yellow] {escape(str(d))}: the run {escape(why)}", highlight=False)
 
 
 def _print_report_files(files: dict[str, Path]) -> None:
@@ -136,67 +141,57 @@ def _print_report_files(files: dict[str, Path]) -> None:
 
 
 @app.command()
+@guarded
 def compare(
     recipes: Annotated[list[Path], typer.Argument(help="TOML recipes to run one after another")],
     seed: Annotated[int, typer.Option("--seed", help="sim.seed shared by every run")] = 0,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key in every recipe")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="report folder (default: runs/compare-<timestamp>/)")] = None,
-    target_accuracy: Annotated[float, typer.Option("--target-accuracy", help="fraction of the final accuracy for "
-                                                   "'bytes to target', in (0, 1]")] = 0.9,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
+    target: Annotated[float, typer.Option("--target", "--target-accuracy", help=TARGET_HELP)] = 0.9,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs and full tracebacks")] = False,
 ) -> None:
     """Run several recipes with a shared seed, then write their comparison report."""
     set_offline_env()
     quiet_libraries(verbose)
+    from fedpeft.cli_display import result_line
     from fedpeft.config import ConfigError
     from fedpeft.recipe import load
-    from fedpeft.data import DataError
-    from fedpeft.models import ModelLoadError
     from fedpeft.report import ReportError, make_report
 
-    if not 0 < target_accuracy <= 1:
-        _report_error(ValueError(f"--target-accuracy must be in (0, 1], got {target_accuracy} (use 0.9 for 90 %)"))
+    if not 0 < target <= 1:
+        exit_expected(ValueError(f"--target must be in (0, 1], got {target} (use 0.9 for 90 %)"))
     out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     # Every recipe is validated before the first run starts, so a typo in the last one costs nothing.
     try:
         cfgs = [load(r, [*(set_ or []), f"sim.seed={seed}"]) for r in recipes]
     except ConfigError as err:
-        _report_error(err)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        exit_expected(err)
     from fedpeft.simulation import simulate as run_simulation
 
     run_dirs: list[Path] = []
     for i, cfg in enumerate(cfgs, start=1):
-        label = f"[{i}/{len(cfgs)}] {cfg.name}: {cfg.method.name} / {cfg.adapter.type}"
-        with Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
-                      TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("rounds", total=cfg.sim.rounds, status="preparing data and workers…")
-            sent = {"bytes": 0}
-
-            def on_round(row: dict, task=task, progress=progress, sent=sent) -> None:
-                sent["bytes"] += row["bytes_down"] + row["bytes_up"]
-                progress.update(task, completed=row["round"],
-                                status=f"acc {row['accuracy']:.3f}  sent {sent['bytes'] / MB:.2f} MB")
-
-            try:
-                summary = run_simulation(cfg, on_round=on_round, verbose=verbose)
-            except (ConfigError, DataError, ModelLoadError) as err:
-                _report_error(f"{recipes[i - 1]}: {err}")
-            except KeyboardInterrupt:
-                console.print("[yellow]interrupted[/yellow]: finished runs are in " + ", ".join(map(str, run_dirs)))
-                raise typer.Exit(130) from None
+        label = f"[{i}/{len(cfgs)}] {escape(cfg.name)}: {cfg.method.name} / {cfg.adapter.type}"
+        current.run_dir = None
+        with _pinned_console(), Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(),
+                                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                         console=console) as progress:
+            summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose)
+        if isinstance(failure, KeyboardInterrupt):
+            console.print("[yellow]interrupted[/yellow]: finished runs are in " + ", ".join(map(str, run_dirs)))
+            raise typer.Exit(130)
+        run_failed(failure, label=f"{recipes[i - 1]}: ")
         run_dirs.append(Path(summary["run_dir"]))
-        console.print(f"  → {summary['run_dir']}: final accuracy {summary['final_accuracy']:.4f}, "
-                      f"{summary['bytes_total'] / MB:.3f} MB")
+        console.print(result_line(summary))
+    current.run_dir = None
     try:
-        files = make_report(run_dirs, out, target_accuracy)
+        files = make_report(run_dirs, out, target)
     except ReportError as err:
-        _report_error(err)
+        exit_expected(err)
     _print_report_files(files)
 
 
 @app.command()
+@guarded
 def deploy(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe; each of its clients becomes a SuperNode")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set sim.rounds=2")] = None,
@@ -226,7 +221,7 @@ def deploy(
         res = deploy_recipe(recipe, set_ or [], base, nodes=nodes, tls=not insecure, auth=not (insecure or no_auth),
                             unregistered=unregistered, relay=wire_check, node_wait_s=node_wait)
     except (ConfigError, DataError, DeployError) as err:
-        _report_error(err)
+        exit_expected(err)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: every started process was stopped")
         raise typer.Exit(130) from None
@@ -243,11 +238,19 @@ def deploy(
             table.add_row(k, str(v))
     Console().print(table)
     if res.returncode != 0 or res.run_dir is None:
+        if res.run_dir is not None:
+            from fedpeft.rundir import RunDir
+
+            rd = RunDir(res.run_dir)
+            if rd.status().get("status") in ("running", "stopped", "unknown"):
+                rd.mark_failed(f"the deployed run failed (flwr run exit code {res.returncode}); the processes' logs "
+                               f"are in {res.log_dir}")
         console.print(f"[red]error:[/red] the run failed; see {res.log_dir}")
         raise typer.Exit(1)
 
 
 @app.command("deploy-tls")
+@guarded
 def deploy_tls(
     out: Annotated[Path, typer.Argument(help="folder for ca.crt, server.pem, server.key")],
     host: Annotated[Optional[list[str]], typer.Option("--host", help="name or IP the SuperLink is reached at "
@@ -263,6 +266,7 @@ def deploy_tls(
 
 
 @app.command("deploy-key")
+@guarded
 def deploy_key(
     path: Annotated[Path, typer.Argument(help="private key path; the public key goes to PATH.pub")],
 ) -> None:
@@ -270,13 +274,14 @@ def deploy_key(
     from fedpeft.deploy.keys import make_node_keys
 
     if path.exists():
-        _report_error(f"{path} exists; not overwriting a key")
+        exit_expected(f"{path} exists; not overwriting a key")
     keys = make_node_keys(path)
     console.print(f"private key (start the SuperNode with --auth-supernode-private-key): {keys.private}\n"
                   f"public key (register it: flwr supernode register {keys.public} CONNECTION): {keys.public}")
 
 
 @app.command()
+@guarded
 def info() -> None:
     """Print versions and whether the embedded model is available."""
     set_offline_env()
@@ -300,6 +305,31 @@ def info() -> None:
 
     table.add_row("methods", ", ".join(available_methods()))
     table.add_row("offline", "yes" if __import__("os").environ.get("HF_HUB_OFFLINE") == "1" else "no")
+    Console().print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods and what each supports (from their registrations)."""
+    from strategies import available_methods, method_spec
+
+    table = Table(title="fedpeft methods")
+    for col in ("method", "client trainer", "sample-level DP", "user-level DP", "codecs", "aggregate", "client state"):
+        table.add_column(col)
+    for name in available_methods():
+        spec = method_spec(name)
+        caps = spec.capabilities
+
+        def cell(capability: str) -> str:
+            why = caps.refusal(capability)
+            return "yes" if why is None else f"no: {why}"
+
+        aggregate = "weighted mean" if caps.weighted_mean is True else str(caps.weighted_mean)
+        user = cell("user_dp")
+        if user == "yes" and caps.weighted_mean is not True:
+            user = f"no: its aggregate is not a mean ({aggregate})"
+        table.add_row(name, spec.trainer, cell("sample_dp"), user, ", ".join(caps.codecs) or "none",
+                      aggregate, "yes" if caps.client_state else "no")
     Console().print(table)
 
 

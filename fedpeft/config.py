@@ -24,8 +24,9 @@ class _Section(BaseModel):
 
 
 class TinyModelConfig(_Section):
-    """A small BERT built from a transformers config (random weights, for tests and quick trials)."""
+    """A small model built from a transformers config (random weights, for tests and quick trials)."""
 
+    arch: Literal["bert", "llama", "gpt2"] = Field("bert", description="architecture of the tiny model")
     hidden_size: int = Field(32, gt=0)
     num_hidden_layers: int = Field(2, gt=0)
     num_attention_heads: int = Field(2, gt=0)
@@ -33,11 +34,13 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Which frozen base model to fine-tune."""
+    """Which frozen base model to fine-tune, and as what: a sequence classifier or a causal LM."""
 
+    kind: Literal["classifier", "causal-lm"] = Field(
+        "classifier", description="classifier: text -> label; causal-lm: instruction -> generated response")
     source: Literal["embedded", "local", "hub", "tiny"] = "embedded"
     path: str = Field("", description="local directory (source=local) or hub id (source=hub)")
-    max_length: int = Field(48, gt=0, le=512)
+    max_length: int = Field(48, gt=0, le=4096, description="tokens per example (prompt + response for causal-lm)")
     tiny: TinyModelConfig = TinyModelConfig()
 
     @model_validator(mode="after")
@@ -59,12 +62,13 @@ class AdapterConfig(BaseModel):
 
 
 class BuiltinDataConfig(_Section):
-    """Size and shape of the built-in task."""
+    """Size and shape of the built-in task (review classification, or instructions for causal-lm)."""
 
     num_train: int = Field(8000, gt=0)
     num_test: int = Field(1000, gt=0)
     num_domains: int = Field(3, ge=1, le=3)
     negation_rate: float = Field(0.3, ge=0.0, le=1.0)
+    categories: list[str] = Field(default_factory=list, description="causal-lm: instruction categories; [] = all")
 
 
 class DataConfig(_Section):
@@ -76,6 +80,11 @@ class DataConfig(_Section):
     text_column: str = "text"
     label_column: str = "label"
     label_map: dict[str, int] = Field(default_factory=dict, description="raw label -> class index")
+    instruction_column: str = Field("", description="causal-lm: '' = instruction / prompt / question")
+    input_column: str = Field("", description="causal-lm: optional context; '' = input / context if present")
+    output_column: str = Field("", description="causal-lm: '' = output / response / answer / completion")
+    template: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="causal-lm prompt: the tokenizer's chat template if it has one (auto), or Alpaca's")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     max_test_examples: int = Field(2000, gt=0)
     builtin: BuiltinDataConfig = BuiltinDataConfig()
@@ -141,6 +150,7 @@ class SimConfig(_Section):
     object_store_mb: int = Field(256, ge=64)
     round_timeout_s: float = Field(3600.0, gt=0.0)
     ray_address: str = Field("", description="attach to this running Ray cluster (host:port) instead of starting Ray")
+    comm_budget_mb: float = Field(0.0, ge=0.0, description="stop before a round that would exceed this; 0 = none")
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "SimConfig":
@@ -231,6 +241,14 @@ class CodecsConfig(_Section):
         return bool(self.up or self.down) or self.merge != "mean"
 
 
+class EvalConfig(_Section):
+    """Held-out evaluation; for causal-lm, how often and how much to generate."""
+
+    generate_every: int = Field(5, ge=0, description="causal-lm: rounds between generation scores; 0 = end only")
+    generate_examples: int = Field(64, gt=0, description="causal-lm: held-out prompts generated from (fixed subset)")
+    max_new_tokens: int = Field(16, gt=0, description="causal-lm: greedy generation length limit")
+
+
 class OutputConfig(_Section):
     """Where the run directory goes and how often the global adapter is checkpointed."""
 
@@ -243,7 +261,8 @@ class Config(_Section):
 
     name: str = "run"
     model: ModelConfig = ModelConfig()
-    adapter: AdapterConfig = AdapterConfig(type="lora", r=8, lora_alpha=16, target_modules=["query", "value"])
+    # No target_modules: peft picks them per architecture (query/value for BERT, q_proj/v_proj for Llama, ...).
+    adapter: AdapterConfig = AdapterConfig(type="lora", r=8, lora_alpha=16)
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     method: MethodConfig = MethodConfig()
@@ -251,7 +270,21 @@ class Config(_Section):
     sim: SimConfig = SimConfig()
     dp: DPConfig = DPConfig()
     codecs: CodecsConfig = CodecsConfig()
+    eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _fits_task_kind(self) -> "Config":
+        if self.model.kind == "classifier" and self.model.source == "tiny" and self.model.tiny.arch != "bert":
+            raise ValueError(f"model.tiny.arch = '{self.model.tiny.arch}' is a decoder: use it with "
+                             "model.kind = 'causal-lm' (tiny classifiers use arch 'bert')")
+        if self.model.kind == "causal-lm":
+            if self.dp.enabled and self.dp.grad_sample_mode == "ghost":
+                raise ValueError("dp.grad_sample_mode = 'ghost' computes a per-example loss from classifier logits; "
+                                 "model.kind = 'causal-lm' trains on a response-token loss: use 'hooks'")
+            if self.data.label_map:
+                raise ValueError("data.label_map maps class labels: it has no use with model.kind = 'causal-lm'")
+        return self
 
     @field_validator("name")
     @classmethod

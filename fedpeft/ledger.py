@@ -20,6 +20,7 @@ from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
 ENVELOPE = "_envelope"
+MB = 1024 * 1024  # the unit every byte figure is shown in (`fedpeft simulate`, reports, the budget)
 COLUMNS = ["round", "client_id", "node_id", "direction", "message_type", "record", "bytes"]
 
 
@@ -27,6 +28,24 @@ def message_bytes(msg: Message) -> int:
     """Total bytes of `msg` as Flower serializes it (unique deflated objects)."""
     with no_object_id_recompute():
         return sum(_sizes(msg, {}).values())
+
+
+def dense_message_bytes(msg: Message) -> int:
+    """Bytes `msg` would take were no two of its arrays identical (each array's objects counted in full).
+
+    A reply carries the tensors of the message it answers, but after training none is identical to
+    another any more, whereas a first download sends LoRA's zero-initialized B matrices once.
+    """
+    total = message_bytes(msg)
+    for record in msg.content.array_records.values() if msg.has_content() else []:
+        arrays = list(record.values())
+        once = {oid: obj for a in arrays for oid, obj in get_all_nested_objects(a).items()}
+        total += sum(_tree_bytes(a) for a in arrays) - sum(len(obj.deflate()) for obj in once.values())
+    return total
+
+
+def _tree_bytes(obj) -> int:
+    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
 def _sizes(obj, cache: dict[str, int]) -> dict[str, int]:
@@ -93,6 +112,7 @@ class CommLedger:
         self.round = 0
         self.rows: list[LedgerRow] = []
         self._flushed = 0
+        self._largest: dict[tuple[int, str], int] = {}  # (round, direction) -> largest message
         self._lock = threading.Lock()
         if path is not None:
             with path.open("w", newline="") as f:
@@ -108,9 +128,12 @@ class CommLedger:
             LedgerRow(self.round, -1, node, direction, msg.metadata.message_type, name, size)
             for name, size in record_bytes(msg, cache).items()
         ]
+        total = sum(r.bytes for r in rows)
+        key = (self.round, direction)
         with self._lock:
             self.rows.extend(rows)
-        return sum(r.bytes for r in rows)
+            self._largest[key] = max(self._largest.get(key, 0), total)
+        return total
 
     def flush(self) -> None:
         """Resolve client ids of new rows and append them to the CSV file."""
@@ -132,6 +155,11 @@ class CommLedger:
             if round_ is None or r.round == round_:
                 out[r.direction] += r.bytes
         return out
+
+    def largest_message(self, direction: str, first_round: int = 0) -> int:
+        """Bytes of the largest single message charged in `direction` in rounds >= `first_round` (0 if none)."""
+        with self._lock:
+            return max((n for (rnd, d), n in self._largest.items() if d == direction and rnd >= first_round), default=0)
 
     def per_client(self) -> dict[int, dict[str, int]]:
         """Bytes down and up per client over the whole run."""

@@ -1,4 +1,4 @@
-"""Base models (embedded MiniLM-L6, local path, hub name, tiny config) wrapped with a peft adapter."""
+"""Base models (embedded MiniLM-L6, local path, hub name, tiny config), classifiers or causal LMs, with a peft adapter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedpeft.adapters import build_peft_config
-from fedpeft.config import AdapterConfig, Config, ModelConfig
+from fedpeft.config import AdapterConfig, Config, EvalConfig, ModelConfig
 from fedpeft.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -47,8 +47,13 @@ def model_location(cfg: ModelConfig) -> str:
 
 
 def _from_pretrained(loader, location: str, cfg: ModelConfig, **kwargs):
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(location, **kwargs)
+    except SafetensorError as err:  # a truncated or damaged weights file
+        raise ModelLoadError(f"cannot load model from '{location}': its weights file is damaged or incomplete "
+                             f"({err}); copy or download the model again") from None
     except OSError as err:
         if cfg.source == "hub":
             raise ModelLoadError(
@@ -63,16 +68,29 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
     """The tokenizer that belongs to the base model (tiny models borrow MiniLM-L6's vocabulary)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, model_location(cfg), cfg)
+    tok = _from_pretrained(AutoTokenizer, model_location(cfg), cfg)
+    if tok.pad_token is None:
+        # Decoder tokenizers (GPT-2, Llama) often have no pad token: pad with end-of-sequence,
+        # which the attention mask and the -100 labels keep out of every loss.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token
+    return tok
 
 
 def load_base_model(cfg: Config, num_labels: int) -> torch.nn.Module:
-    """The base model with a `num_labels` classification head; identical in every process for one seed."""
+    """The frozen base model for `cfg.model.kind`; identical in every process for one seed.
+
+    A classifier gets a `num_labels` head; a causal LM ignores `num_labels`.
+    """
+    # Weights that are not in a checkpoint (a classifier head, an untrained LM-head transform, a
+    # tiny model's whole body) are drawn from this seed so the server and every worker agree.
+    torch.manual_seed(derive_seed(cfg.sim.seed, "model-init"))
+    base = _BASE_LOADERS[cfg.model.kind](cfg, num_labels)
+    return base.eval()
+
+
+def _classifier_base(cfg: Config, num_labels: int) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-    # Weights that are not in a checkpoint (the classifier, a tiny model's whole body) are
-    # drawn from this seed so that the server and every worker build the same base model.
-    torch.manual_seed(derive_seed(cfg.sim.seed, "model-init"))
     if cfg.model.source == "tiny":
         tok = load_tokenizer(cfg.model)
         t = cfg.model.tiny
@@ -85,12 +103,81 @@ def load_base_model(cfg: Config, num_labels: int) -> torch.nn.Module:
             max_position_embeddings=max(64, cfg.model.max_length),
             num_labels=num_labels,
         )
-        base = BertForSequenceClassification(bert_cfg)
-    else:
-        base = _from_pretrained(
-            AutoModelForSequenceClassification, model_location(cfg.model), cfg.model, num_labels=num_labels
-        )
-    return base.eval()
+        return BertForSequenceClassification(bert_cfg)
+    return _from_pretrained(
+        AutoModelForSequenceClassification, model_location(cfg.model), cfg.model, num_labels=num_labels
+    )
+
+
+def _causal_base(cfg: Config, num_labels: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel
+
+    if cfg.model.source == "tiny":
+        return _tiny_decoder(cfg)
+    if cfg.model.source == "embedded":
+        # MiniLM-L6's pretrained encoder run as a causal decoder; its LM head is tied to the
+        # pretrained word embeddings (see EMBEDDED_DECODER_UNTRAINED for what is not pretrained).
+        path = model_location(cfg.model)
+        bert_cfg = BertConfig.from_pretrained(path)
+        bert_cfg.is_decoder = True
+        return _quiet_load(lambda: _from_pretrained(BertLMHeadModel, path, cfg.model, config=bert_cfg))
+    return _from_pretrained(AutoModelForCausalLM, model_location(cfg.model), cfg.model)
+
+
+# The embedded decoder's prediction-head transform (dense + LayerNorm before the tied word
+# embeddings) is not in MiniLM-L6's checkpoint: it is trained and exchanged with the adapter.
+EMBEDDED_DECODER_UNTRAINED = ["cls.predictions.transform"]
+
+
+def _tiny_decoder(cfg: Config) -> torch.nn.Module:
+    """A random decoder; its (tied) word embeddings are scaled to unit variance.
+
+    At transformers' default init (std 0.02) a frozen output embedding bounds every logit near
+    zero, so no adapter could make the model confident of any token; at unit scale it can.
+    """
+    model = _tiny_decoder_arch(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    return model
+
+
+def _tiny_decoder_arch(cfg: Config) -> torch.nn.Module:
+    from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(cfg.model)
+    t = cfg.model.tiny
+    positions = max(64, cfg.model.max_length + cfg.eval.max_new_tokens)
+    if t.arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_attention_heads,
+            intermediate_size=t.intermediate_size, max_position_embeddings=positions,
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
+    if t.arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tok), n_embd=t.hidden_size, n_layer=t.num_hidden_layers, n_head=t.num_attention_heads,
+            n_inner=t.intermediate_size, n_positions=positions, pad_token_id=tok.pad_token_id))
+    return BertLMHeadModel(BertConfig(
+        vocab_size=len(tok), hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
+        max_position_embeddings=positions, is_decoder=True))
+
+
+def _quiet_load(load):
+    # transformers prints a load report for the head weights missing from an encoder checkpoint;
+    # they are expected here (trained with the adapter), so the report is noise.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load()
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+_BASE_LOADERS = {"classifier": _classifier_base, "causal-lm": _causal_base}
+PEFT_TASK_TYPES = {"classifier": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
 def build_model(cfg: Config, num_labels: int) -> "PeftModel":
@@ -98,14 +185,21 @@ def build_model(cfg: Config, num_labels: int) -> "PeftModel":
     from peft import get_peft_model
 
     base = load_base_model(cfg, num_labels)
-    return get_peft_model(base, build_peft_config(cfg.adapter))
+    peft_cfg = build_peft_config(cfg.adapter, PEFT_TASK_TYPES[cfg.model.kind])
+    if cfg.model.kind == "causal-lm" and cfg.model.source == "embedded" and hasattr(peft_cfg, "modules_to_save"):
+        peft_cfg.modules_to_save = list(peft_cfg.modules_to_save or []) + EMBEDDED_DECODER_UNTRAINED
+    try:
+        return get_peft_model(base, peft_cfg)
+    except ValueError as err:  # peft's way of saying the adapter does not fit this model (e.g. target_modules)
+        raise ModelLoadError(f"adapter '{cfg.adapter.type}' cannot be applied to the model: {err}") from None
 
 
 @lru_cache(maxsize=2)
-def _cached(model_json: str, adapter_json: str, seed: int, num_labels: int) -> "PeftModel":
+def _cached(model_json: str, adapter_json: str, eval_json: str, seed: int, num_labels: int) -> "PeftModel":
     cfg = Config(
         model=ModelConfig.model_validate_json(model_json),
         adapter=AdapterConfig.model_validate_json(adapter_json),
+        eval=EvalConfig.model_validate_json(eval_json),
     )
     cfg.sim.seed = seed
     return build_model(cfg, num_labels)
@@ -113,7 +207,8 @@ def _cached(model_json: str, adapter_json: str, seed: int, num_labels: int) -> "
 
 def cached_model(cfg: Config, num_labels: int) -> "PeftModel":
     """The per-process model for this config: built once per worker, reused for every client and round."""
-    model = _cached(cfg.model.model_dump_json(), cfg.adapter.model_dump_json(), cfg.sim.seed, num_labels)
+    model = _cached(cfg.model.model_dump_json(), cfg.adapter.model_dump_json(), cfg.eval.model_dump_json(),
+                    cfg.sim.seed, num_labels)
     return model.to(device_for(cfg))
 
 

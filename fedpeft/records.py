@@ -6,6 +6,7 @@ from flwr.app import MetricRecord, RecordDict
 
 NUM_EXAMPLES = "num-examples"  # the weight of a reply in example-weighted aggregates
 TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-s"  # wall seconds of a client's local training (client compute)
 ARRAYS = "arrays"  # the adapter tensors a message carries
 CONFIG = "config"
 SERVER_ROUND = "server-round"

@@ -20,6 +20,7 @@ from fedpeft.config import Config, ConfigError
 
 from fedpeft.recipe import load
 from fedpeft.data import PreparedTask, open_prepared, prepare
+from fedpeft.data.prepared import TASK_FORMAT
 
 CONFIG_KEY = "fedpeft-config"
 TASK_KEY = "fedpeft-task"
@@ -76,7 +77,7 @@ def task_from(run_config: dict, cfg: Config) -> PreparedTask:
     root.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(
         (cfg.data.model_dump_json() + cfg.partition.model_dump_json() + cfg.model.model_dump_json()
-         + str(cfg.sim.num_clients) + str(cfg.sim.seed)).encode()
+         + str(cfg.sim.num_clients) + str(cfg.sim.seed) + f"format{TASK_FORMAT}").encode()
     ).hexdigest()[:16]
     dest = root / key
     with open(root / f"{key}.lock", "w") as lock:

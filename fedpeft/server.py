@@ -13,14 +13,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedpeft.budget import check_round
 from fedpeft.config import Config
 from fedpeft.env import quiet_libraries
 from fedpeft.privacy.sample_level import check_task
-from fedpeft.evaluation import evaluate
+from fedpeft.evaluation import Evaluator
 from fedpeft.ledger import CommLedger, LedgerGrid, message_bytes
 from fedpeft.models import build_model, device_for
 from fedpeft.nodes import NodeDirectory, discover
 from fedpeft.privacy.ledger import PrivacyLedger, epsilon_stats
+from fedpeft.records import TRAIN_SECONDS
 from fedpeft.runconfig import (
     DEFAULT_NODE_WAIT_S, NODE_WAIT_KEY, RUN_DIR_KEY, config_from, shared_dir, task_from,
 )
@@ -80,28 +82,40 @@ def run_server(
     strategy.summary()
     arrays = strategy.initial_arrays()
 
-    def eval_now() -> dict[str, float]:
-        strategy.load_global(model, arrays)
-        return evaluate(model, task.test, cfg.sim.eval_batch_size, task.pad_token_id)
+    evaluator = Evaluator(cfg, task)
 
-    row0 = {"round": 0, **eval_now(), **_bytes(ledger, 0), "clients": 0, "rejected": 0,
+    def eval_now(rnd: int) -> dict[str, float]:
+        strategy.load_global(model, arrays)
+        out = evaluator(model, rnd)
+        if "generate_s" in out:
+            rundir.write_generations(rnd, evaluator.samples)
+        return out
+
+    row0 = {"round": 0, **eval_now(0), **_bytes(ledger, 0), "clients": 0, "rejected": 0,
             "round_s": 0.0, "elapsed_s": time.perf_counter() - t_start}
     ledger.flush()
     rundir.append_metrics(row0)
     if on_round:
         on_round(row0)
     rows = [row0]
+    stopped = None
     for rnd in range(1, cfg.sim.rounds + 1):
         t0 = time.perf_counter()
         ledger.round = rnd
-        msgs = strategy.configure_train(rnd, arrays, ConfigRecord(), lgrid)
+        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), lgrid))
+        if (stopped := check_round(cfg.sim.comm_budget_mb, rnd, ledger, msgs)) is not None:
+            break
         replies = lgrid.send_and_receive(msgs, timeout=cfg.sim.round_timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays
         rejected = strategy.pop_rejections()
-        row = {"round": rnd, **eval_now(), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected)}
-        row.update(epsilon_stats(privacy.record(rnd, strategy.pop_client_metrics())))
+        row = {"round": rnd, **eval_now(rnd), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected)}
+        client_metrics = strategy.pop_client_metrics()
+        row.update(epsilon_stats(privacy.record(rnd, client_metrics)))
+        seconds = [float(m[TRAIN_SECONDS]) for _, m in client_metrics if TRAIN_SECONDS in m]
+        if seconds:
+            row["client_train_s"] = sum(seconds) / len(seconds)  # mean wall seconds of local training
         if cfg.dp.user.enabled:
             row.update(strategy.privacy())
             privacy.record_user(rnd, row)
@@ -120,14 +134,21 @@ def run_server(
             rundir.checkpoint(model, rnd)
         if on_round:
             on_round(row)
-        log(INFO, "round %d: accuracy %.4f, %d B down, %d B up", rnd, row["accuracy"], row["bytes_down"], row["bytes_up"])
+        log(INFO, "round %d: %s %s, loss %.4f, %d B down, %d B up", rnd, evaluator.primary,
+            f"{row[evaluator.primary]:.4f}" if evaluator.primary in row else "-", row["loss"], row["bytes_down"], row["bytes_up"])
 
+    if stopped is not None:
+        rundir.append_metrics(stopped.event())
     strategy.export(model, rundir)
     summary = _summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
+    summary.update(_score_summary(evaluator.primary, rows))
+    summary["label_names"] = list(task.label_names)
     summary.update(privacy.summary())
     summary.update(strategy.run_metrics(ledger, rows))
     if cfg.dp.user.enabled:
         summary.update(strategy.privacy())
+    if stopped is not None:
+        summary["stopped"] = stopped.record()
     rundir.write_summary(summary)
     return summary
 
@@ -150,11 +171,9 @@ def _summary(cfg: Config, rows: list[dict], ledger: CommLedger, model, wall_s: f
         "method": cfg.method.name,
         "adapter": cfg.adapter.type,
         "rounds": cfg.sim.rounds,
+        "rounds_completed": rows[-1]["round"],
         "num_clients": cfg.sim.num_clients,
         "clients_per_round": cfg.sim.clients_per_round,
-        "initial_accuracy": rows[0]["accuracy"],
-        "final_accuracy": rows[-1]["accuracy"],
-        "best_accuracy": max(r["accuracy"] for r in rows),
         "final_loss": rows[-1]["loss"],
         "bytes_down": totals["down"],
         "bytes_up": totals["up"],
@@ -169,6 +188,24 @@ def _summary(cfg: Config, rows: list[dict], ledger: CommLedger, model, wall_s: f
         "full_model_fedavg_bytes": 2 * full * participations,
         "wall_s": wall_s,
     }
+
+
+def _score_summary(primary: str, rows: list[dict]) -> dict[str, Any]:
+    """Round 0, final and best of the primary metric (over the rounds that measured it), and causal-LM extras."""
+    scored = [r for r in rows if primary in r]
+    out: dict[str, Any] = {"primary_metric": primary}
+    if scored:
+        out.update({f"initial_{primary}": scored[0][primary], f"final_{primary}": scored[-1][primary],
+                    f"best_{primary}": max(r[primary] for r in scored)})
+    if "perplexity" in rows[-1]:
+        out["final_perplexity"] = rows[-1]["perplexity"]
+    if scored and "exact_match" in scored[-1]:
+        out["final_exact_match"] = scored[-1]["exact_match"]
+        out["best_exact_match"] = max(r["exact_match"] for r in scored)
+        trained = rows[1:]
+        round_s = sum(r["round_s"] for r in trained)
+        out["generation_share"] = sum(r.get("generate_s", 0.0) for r in trained) / round_s if round_s else 0.0
+    return out
 
 
 def make_server_app(

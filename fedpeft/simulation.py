@@ -9,6 +9,7 @@ stopped by this driver, so no process outlives the call.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import tempfile
 import threading
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Any
+from typing import Any, Callable
 
 from fedpeft.config import Config
 from fedpeft.data import prepare
@@ -25,6 +26,7 @@ from fedpeft.privacy.sample_level import check_task
 from fedpeft.env import set_offline_env
 from fedpeft.nodes import NodeDirectory
 from fedpeft.rundir import RunDir
+from fedpeft.runlog import error_text, origin, run_log, write_traceback
 from fedpeft.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
 from fedpeft.server import RoundCallback, make_server_app
 
@@ -45,12 +47,16 @@ def _write_app_descriptor(run_dir: Path, run_config: dict) -> Path:
 
 
 def ray_init_args(cfg: Config, verbose: bool) -> dict[str, Any]:
-    """Arguments for `ray.init` sized for this run."""
+    """Arguments for `ray.init` sized for this run.
+
+    Workers' own output stays in Ray's session folder unless `verbose` (`log_to_driver`); the
+    driver's Ray log lines go to run.log (see `fedpeft.runlog`).
+    """
     args: dict[str, Any] = {
         "include_dashboard": False,
         "object_store_memory": cfg.sim.object_store_mb * 1024 * 1024,
         "log_to_driver": verbose,
-        "logging_level": "INFO" if verbose else "ERROR",
+        "logging_level": "INFO" if verbose else "WARNING",
         "configure_logging": True,
     }
     if cfg.sim.num_cpus:
@@ -97,8 +103,19 @@ def _attach_cluster(cfg: Config, rundir: RunDir, run_config: dict):
     return cluster
 
 
-def simulate(cfg: Config, on_round: RoundCallback | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run one federated simulation end to end and return its summary."""
+def simulate(
+    cfg: Config,
+    on_round: RoundCallback | None = None,
+    verbose: bool = False,
+    on_start: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Run one federated simulation end to end and return its summary.
+
+    `on_start` is called with the run directory as soon as it exists. From then on, Flower's and
+    Ray's log lines go to `<run dir>/run.log` (and, unless `verbose`, nowhere else), and a run that
+    stops on an error or Ctrl-C is recorded as failed / interrupted in `status.json`, with the
+    traceback in run.log.
+    """
     set_offline_env()
     # Prepare data before the run directory exists: a missing file or a bad column fails here
     # and leaves nothing half-made behind.
@@ -107,27 +124,67 @@ def simulate(cfg: Config, on_round: RoundCallback | None = None, verbose: bool =
         task = prepare(cfg, staging)
         check_task(cfg, [len(p) for p in task.partitions])  # δ and target ε fail before any run dir exists
         rundir = RunDir.create(cfg)
-        shutil.move(str(staging), str(rundir.task_dir))
+        try:
+            shutil.move(str(staging), str(rundir.task_dir))
+        except BaseException as err:
+            _record_failure(rundir, err)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if on_start:
+        on_start(rundir.path)
     os.environ.setdefault("FLWR_HOME", str(rundir.path / ".flwr"))
 
-    import ray
+    import ray  # before run_log: importing Ray installs its console handler, which run_log then holds back
 
-    from clients.app import app as client_app
+    with run_log(rundir.log_file, verbose):
+        try:
+            from clients.app import app as client_app
 
-    run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()), RUN_DIR_KEY: str(rundir.path)}
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(**_ray_args(cfg, verbose, _warmup(cfg, rundir, task.num_labels)))
-    try:
-        cluster = _attach_cluster(cfg, rundir, run_config)
-        with fast_dispatch():  # one scan of pending messages per tick, not one per node (fedpeft.dispatch)
-            _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose)
-    finally:
-        if started_ray:
-            ray.shutdown()  # on a cluster this only disconnects the driver (Flower's backend also does)
+            run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()),
+                          RUN_DIR_KEY: str(rundir.path)}
+            started_ray = not ray.is_initialized()
+            if started_ray:
+                ray.init(**_ray_args(cfg, verbose, _warmup(cfg, rundir, task.num_labels)))
+            _log_ray_session()
+            try:
+                cluster = _attach_cluster(cfg, rundir, run_config)
+                with fast_dispatch():  # one scan of pending messages per tick, not one per node (fedpeft.dispatch)
+                    _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose)
+            finally:
+                if started_ray:
+                    ray.shutdown()  # on a cluster this only disconnects the driver (Flower's backend also does)
+        except KeyboardInterrupt:
+            rundir.write_status("interrupted")
+            raise
+        except BaseException as err:
+            _record_failure(rundir, err)
+            raise
     return rundir.summary()
+
+
+def _record_failure(rundir: RunDir, err: BaseException) -> None:
+    """Mark the run failed in status.json and append the traceback to run.log."""
+    from fedpeft.config import ConfigError
+    from fedpeft.data import DataError
+    from fedpeft.models import ModelLoadError
+
+    expected = isinstance(err, (ConfigError, DataError, ModelLoadError))
+    try:
+        write_traceback(rundir.log_file, err, header=f"run failed: {error_text(err)}")
+        rundir.mark_failed(error_text(err), origin(err), expected=expected)
+    except OSError:  # the run directory itself is gone or unwritable: the caller still reports err
+        pass
+
+
+def _log_ray_session() -> None:
+    try:
+        from ray._private.worker import global_worker
+
+        logging.getLogger("fedpeft").info("Ray session logs (worker output): %s/logs",
+                                          global_worker.node.get_session_dir_path())
+    except Exception:  # informational only; Ray's internals may move
+        pass
 
 
 def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallback | None, verbose: bool) -> None:
@@ -150,9 +207,7 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid import InMemoryGrid
 
-    import logging
-
-    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose:
         update_console_handler(level=logging.DEBUG, timestamps=True, colored=True)
 

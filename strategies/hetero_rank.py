@@ -14,6 +14,7 @@ LoRA inside the r_max-shaped model), so one cached model serves every tier.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import replace
 from collections.abc import Iterable
 from typing import Any
 
@@ -161,7 +162,8 @@ class HetLoRA(HeteroRankLoRA):
     """Zero-pad to the largest rank, example-weighted mean of the factors, truncate per tier."""
 
 
-@register("flexlora", trainer="hetero_rank", options=HeteroRankOptions, capabilities=HETERO_RANK)
+@register("flexlora", trainer="hetero_rank", options=HeteroRankOptions,
+          capabilities=replace(HETERO_RANK, weighted_mean="the truncated SVD of the weighted mean of B·A"))
 class FlexLoRA(HeteroRankLoRA):
     """Example-weighted mean of every client's B·A, re-factorized by truncated SVD (best rank-r per tier)."""
 

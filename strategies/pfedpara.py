@@ -19,13 +19,15 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from pydantic import Field
 
+from fedpeft.scores import PRIMARY_BY_KIND
 from fedpeft.records import reply_metrics
 from strategies.fedpara import FedPara, FedParaOptions
 from strategies.registry import Capabilities, register
 
 LOCAL_MARK = "hada_w2_"
 LOCAL_SET = "pfedpara-local"
-PERSONAL, GLOBAL_LOCAL, LOCAL_TEST = "personal-accuracy", "global-accuracy-local", "local-test-examples"
+# Reply keys: the task's primary metric (accuracy, or Rouge-L for causal-lm) on the client's local test split.
+PERSONAL, GLOBAL_LOCAL, LOCAL_TEST = "personal-score", "global-score-local", "local-test-examples"
 
 
 class PFedParaOptions(FedParaOptions):
@@ -60,6 +62,7 @@ class PFedPara(FedPara):
     def __init__(self, cfg: Config, directory, model, workdir=None) -> None:
         super().__init__(cfg, directory, model, workdir)
         self.personal: dict[str, float] = {}
+        self.metric = PRIMARY_BY_KIND[cfg.model.kind]
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the global pair; keep the clients' local-test accuracies for this round's metrics."""
@@ -68,22 +71,23 @@ class PFedPara(FedPara):
         self.personal = {}
         if rows:
             self.personal = {
-                "personal_accuracy": float(np.mean([float(r[PERSONAL]) for r in rows])),
-                "global_accuracy_local": float(np.mean([float(r[GLOBAL_LOCAL]) for r in rows])),
+                f"personal_{self.metric}": float(np.mean([float(r[PERSONAL]) for r in rows])),
+                f"global_{self.metric}_local": float(np.mean([float(r[GLOBAL_LOCAL]) for r in rows])),
                 "personal_clients": len(rows),
             }
         return super().combine(server_round, valid)
 
     def round_metrics(self, server_round: int, ledger) -> dict[str, Any]:
-        """Mean personalized and global accuracy over this round's clients, on their local test splits."""
+        """Mean personalized and global score (accuracy or Rouge-L) of this round's clients, on their local test splits."""
         out, self.personal = self.personal, {}
         return out
 
     def run_metrics(self, ledger, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """The last round's mean personalized and global local-test accuracy."""
-        done = [r for r in rows if "personal_accuracy" in r]
+        """The last round's mean personalized and global local-test score."""
+        m = self.metric
+        done = [r for r in rows if f"personal_{m}" in r]
         if not done:
             return {}
-        return {"final_personal_accuracy": done[-1]["personal_accuracy"],
-                "final_global_accuracy_local": done[-1]["global_accuracy_local"],
-                "best_personal_accuracy": max(r["personal_accuracy"] for r in done)}
+        return {f"final_personal_{m}": done[-1][f"personal_{m}"],
+                f"final_global_{m}_local": done[-1][f"global_{m}_local"],
+                f"best_personal_{m}": max(r[f"personal_{m}"] for r in done)}

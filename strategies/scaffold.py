@@ -2,8 +2,9 @@
 
 The server keeps a control variate c (one tensor per exchanged adapter tensor) and sends it with
 the global adapter; each client keeps its own c_i in the client state store, trains with the
-gradient correction c − c_i, and uploads its adapter together with Δc_i (option II of the paper:
-c_i⁺ = c_i − c + (x − y_i)/(K·η_l)). The server averages the adapters like FedAvg and moves
+gradient correction c − c_i, and uploads its adapter together with Δc_i (c_i⁺ is the mean of the
+round's minibatch gradients: the paper's option II exactly under plain SGD, see clients/scaffold.py).
+The server averages the adapters like FedAvg and moves
 c ← c + (|S|/N)·mean(Δc_i). Both variates travel as real records, so the ledger charges them in
 both directions, as a deployment sends them.
 """

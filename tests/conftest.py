@@ -14,6 +14,10 @@ quiet_libraries()
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "simulations" / "quick.toml"
+SMOKE = ROOT / "simulations" / "smoke.toml"
+# The smallest real run: tiny model, 2 clients, 1 round of 1 local step, one Ray worker.
+TINY_RUN = ["sim.num_clients=2", "sim.clients_per_round=2", "sim.rounds=1", "train.local_steps=1",
+            "train.batch_size=4", "output.checkpoint_every=0", "sim.num_cpus=1", "sim.eval_batch_size=16"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,3 +36,17 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     rounds: list[dict] = []
     summary = simulate(cfg, on_round=rounds.append)
     return {"cfg": cfg, "summary": summary, "rounds": rounds, "run_dir": Path(summary["run_dir"])}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One Ray session for a module's tiny CLI runs: `fedpeft simulate` uses a Ray that is already up
+    (as on a cluster) instead of starting and stopping its own, which costs seconds per run."""
+    import ray
+
+    from fedpeft.recipe import load
+    from fedpeft.simulation import ray_init_args
+
+    ray.init(**ray_init_args(load(SMOKE, TINY_RUN), verbose=False))
+    yield
+    ray.shutdown()

@@ -26,6 +26,19 @@ SMOKE = ROOT / "simulations" / "smoke.toml"
 SMALL = ["sim.num_clients=3", "sim.clients_per_round=3", "data.builtin.num_train=300", "data.builtin.num_test=60"]
 
 
+def test_causal_lm_shards_are_instruction_records_a_node_reads_back_as_its_partition(tmp_path):
+    cfg = load(ROOT / "simulations" / "llm-smoke.toml", [*SMALL, "partition.type=dirichlet", "partition.by=category"])
+    task = prepare(cfg, tmp_path / "task")
+    shards = write_shards(cfg, tmp_path / "shards")
+    first = json.loads(shards[0].read_text().splitlines()[0])
+    assert set(first) == {"instruction", "input", "output"}
+    for cid, path in enumerate(shards):
+        own = node_task(task, cfg, str(path), cid).client_dataset(cid)
+        part = task.client_dataset(cid)
+        assert own["input_ids"] == part["input_ids"] and own["labels"] == part["labels"]
+        assert own["reference"] == part["reference"]
+
+
 def test_tls_files_chain_to_the_ca_and_name_loopback(tmp_path):
     files = make_tls_files(tmp_path)
     ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())

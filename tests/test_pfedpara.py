@@ -103,7 +103,7 @@ def test_client_keeps_its_personal_pair_and_uploads_only_the_global_one(tmp_path
     later = store.load_arrays(2, LOCAL_SET)
     assert not all(np.array_equal(first[k], later[k]) for k in first)
     m = reply2["metrics"]
-    assert m["local-test-examples"] == len(task.local_split(2, 0.2, 0)[1]) and 0 <= m["personal-accuracy"] <= 1
+    assert m["local-test-examples"] == len(task.local_split(2, 0.2, 0)[1]) and 0 <= m["personal-score"] <= 1
 
 
 def test_pfedpara_run_never_uploads_a_personal_factor_and_reports_personal_accuracy(tmp_path):

@@ -260,7 +260,7 @@ def test_cli_compare_shares_seed_and_overrides_then_reports(tmp_path, monkeypatc
 
     seen = []
 
-    def fake_simulate(cfg, on_round=None, verbose=False):
+    def fake_simulate(cfg, on_round=None, verbose=False, on_start=None):
         seen.append(cfg)
         run = write_run(tmp_path / "runs" / f"{cfg.name}-{len(seen)}", adapter=cfg.adapter.type)
         for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):

@@ -13,21 +13,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedpeft.config import Config
-from fedpeft.data.prepared import collate
+from fedpeft.causal_lm import batch_loss
+from fedpeft.data.prepared import collate, label_column
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss on a batch (HF models compute it from `labels`)."""
-    return model(**batch).loss
 
 
 def poisson_loader(ds, q: float, pad_id: int, generator: torch.Generator) -> DataLoader:
     """Batches drawn by Poisson sampling at rate q (Opacus's sampler); an empty draw yields None."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    ids, labels = list(ds["input_ids"]), list(ds["label"])
+    ids, labels = list(ds["input_ids"]), list(ds[label_column(ds)])
 
     def collate_rows(sel: list[int]) -> dict[str, torch.Tensor] | None:
         return collate([ids[i] for i in sel], [labels[i] for i in sel], pad_id) if sel else None
@@ -56,7 +52,7 @@ def make_private(model, optimizer, loader: DataLoader, cfg: Config, noise_multip
     return dp_model, opt, None
 
 
-def dp_step(dp_model, opt, criterion, batch: dict[str, torch.Tensor], loss_fn: LossFn = default_loss,
+def dp_step(dp_model, opt, criterion, batch: dict[str, torch.Tensor], loss_fn: LossFn = batch_loss,
             adjust: Callable[[], None] | None = None) -> float:
     """One DP-SGD step: per-sample clip, noise, then `adjust` (a data-independent gradient change), then step.
 

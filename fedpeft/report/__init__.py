@@ -15,7 +15,7 @@ def make_report(run_dirs: list[str | Path], out: str | Path, target_fraction: fl
     from fedpeft.report.render import write_report
 
     if not 0 < target_fraction <= 1:
-        raise ReportError(f"target accuracy must be a fraction of the final accuracy in (0, 1], got {target_fraction} "
-                          "(use 0.9 for 90 %)")
+        raise ReportError(f"the target must be a fraction of each run's final primary metric (accuracy, Rouge-L) "
+                          f"in (0, 1], got {target_fraction} (use 0.9 for 90 %)")
     stats = [run_stats(r, target_fraction) for r in load_runs(list(run_dirs))]
     return write_report(stats, Path(out))

@@ -12,7 +12,8 @@ from typing import Any
 
 from fedpeft.ledger import COLUMNS
 from fedpeft.ledger import LedgerRow as LedgerRecord  # the ledger's own row type, read back
-from fedpeft.rundir import COMM_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from fedpeft.rundir import COMM_FILE, CONFIG_FILE, EVENT_KEY, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
+from fedpeft.scores import metric_label, primary_metric
 
 DIRECTIONS = ("down", "up")
 
@@ -31,6 +32,20 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines keyed `event`
+
+    @property
+    def stopped(self) -> dict[str, Any] | None:
+        """The record of an early stop (the communication budget) from summary.json or metrics.jsonl, or None."""
+        if isinstance(self.summary.get("stopped"), dict):
+            return self.summary["stopped"]
+        return next((e for e in self.events if "reason" in e), None)
+
+    @property
+    def incomplete(self) -> str | None:
+        """Why the run did not complete (failed, interrupted, …), or None."""
+        return describe_status(self.status)
 
     @property
     def label(self) -> str:
@@ -47,6 +62,11 @@ class Run:
         """The peft adapter type (from the config, else the summary)."""
         return str(self.config.get("adapter", {}).get("type") or self.summary.get("adapter") or "?")
 
+    @property
+    def primary_metric(self) -> str:
+        """The metric the run is scored by ("accuracy", "rouge_l", …); accuracy for runs that do not say."""
+        return primary_metric(self.summary, self.config)
+
 
 def load_run(path: str | Path) -> Run:
     """Load and validate one run directory, raising `ReportError` naming what is wrong."""
@@ -55,15 +75,20 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(f"run directory not found: {p}")
     if not p.is_dir():
         raise ReportError(f"not a run directory (a file, not a folder): {p}")
-    metrics = _read_metrics(p / METRICS_FILE)
-    ledger = _read_ledger(p / COMM_FILE)
+    status = read_status(p)
+    why = describe_status(status)
+    if why and not _has_rounds(p / METRICS_FILE):
+        raise ReportError(f"{p}: the run {why}; there is nothing to report.")
     # summary.json and config.toml are optional on their own: an interrupted run has no
     # summary, yet its rounds and ledger are still worth a report.
     summary = _read_json(p / SUMMARY_FILE) if (p / SUMMARY_FILE).is_file() else {}
     config = _read_toml(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {}
+    metrics, events = _read_metrics(p / METRICS_FILE, primary_metric(summary, config))
+    ledger = _read_ledger(p / COMM_FILE)
     if not summary and not config:
         raise ReportError(f"{p}: neither {SUMMARY_FILE} nor {CONFIG_FILE} is present, so the method and adapter are unknown")
-    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config)
+    return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status,
+               events=events)
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -87,14 +112,22 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     return runs
 
 
+def _has_rounds(path: Path) -> bool:
+    try:
+        return any(line.strip() for line in path.read_text().splitlines())
+    except OSError:
+        return False
+
+
 def _missing(path: Path) -> ReportError:
     return ReportError(f"{path.parent}: missing {path.name} (is this a fedpeft run directory?)")
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def _read_metrics(path: Path, metric: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if not path.is_file():
         raise _missing(path)
     rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -104,18 +137,27 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             raise ReportError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise ReportError(f"{path}: line {n} is not a JSON object")
-        for key in ("round", "accuracy"):
-            if not _is_number(row.get(key)):
-                raise ReportError(f"{path}: line {n} has no numeric '{key}'")
+        if EVENT_KEY in row:  # a run-level note (e.g. a communication budget stop), not a round
+            events.append(row)
+            continue
+        if not _is_number(row.get("round")):
+            raise ReportError(f"{path}: line {n} has no numeric 'round'")
         if not _is_number(row.get("loss")):
             row["loss"] = math.nan
+        # Causal-LM runs score only their generation rounds, so a round may lack the metric;
+        # a value that is there must be a number.
+        if metric in row and not _is_number(row[metric]):
+            raise ReportError(f"{path}: line {n} has a non-numeric '{metric}' ({row[metric]!r})")
         rows.append(row)
     if not rows:
         raise ReportError(f"{path}: no rounds recorded")
+    if not any(metric in row for row in rows):
+        raise ReportError(f"{path}: no round has a '{metric}' value "
+                          f"({metric_label(metric)} is the run's primary metric)")
     rounds = [r["round"] for r in rows]
     if rounds != sorted(set(rounds)):
         raise ReportError(f"{path}: rounds are not strictly increasing ({rounds})")
-    return rows
+    return rows, events
 
 
 def _read_ledger(path: Path) -> list[LedgerRecord]:

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import io
 import math
+from typing import NamedTuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedpeft.report.tables import MB, RunStats, sort_runs
+from fedpeft.report.tables import MB, RunStats, metric_labels, shared_metric, sort_runs
 
 DOWN_COLOR, UP_COLOR = "#4C72B0", "#DD8452"
 DPI = 110
+
+
+class Plot(NamedTuple):
+    """One rendered plot and its caption."""
+
+    title: str
+    png: bytes
 
 
 def _png(fig: Figure) -> bytes:
@@ -33,36 +41,46 @@ def _figure(width: float = 9.0, height: float = 3.4, ncols: int = 1) -> tuple[Fi
     return fig, axes
 
 
+def _capital(text: str) -> str:
+    # Metric labels are lower case mid-sentence ("accuracy"); titles start with a capital.
+    return text[:1].upper() + text[1:]
+
+
+def _score_axis(ax, s: RunStats, x_of) -> None:
+    # Only rounds that measured the primary metric are points; a causal-LM run generates every few rounds.
+    pts = [(x_of(r), r.score) for r in s.scored_rounds]
+    ax.plot(*zip(*pts), marker="o", color="C0")
+    ax.axhline(s.target_score, color="grey", ls="--", lw=1, label=f"target {s.target_score:.3f}")
+
+
 def progress_vs_round(s: RunStats) -> bytes:
-    """Accuracy and loss of the global model after each round."""
-    fig, (acc, loss) = _figure(ncols=2)
+    """The primary metric and loss of the global model after each round."""
+    fig, (score, loss) = _figure(ncols=2)
+    _score_axis(score, s, lambda r: r.round)
+    score.set(xlabel="round", ylabel=f"test {s.metric_label}", title=f"{_capital(s.metric_label)} vs round")
+    score.legend(loc="best", fontsize=8)
     x = [r.round for r in s.rounds]
-    acc.plot(x, [r.accuracy for r in s.rounds], marker="o", color="C0")
-    acc.axhline(s.target_accuracy, color="grey", ls="--", lw=1, label=f"target {s.target_accuracy:.3f}")
-    acc.set(xlabel="round", ylabel="test accuracy", title="Accuracy vs round")
-    acc.legend(loc="best", fontsize=8)
     loss.plot(x, [r.loss for r in s.rounds], marker="o", color="C3", label="test loss")
     train = [(r.round, r.train_loss) for r in s.rounds if r.train_loss is not None]
     if train:
         loss.plot(*zip(*train), marker="s", ls=":", color="C2", label="train loss (clients)")
     loss.set(xlabel="round", ylabel="loss", title="Loss vs round")
     loss.legend(loc="best", fontsize=8)
-    for ax in (acc, loss):
+    for ax in (score, loss):
         ax.xaxis.get_major_locator().set_params(integer=True)
     return _png(fig)
 
 
 def progress_vs_bytes(s: RunStats) -> bytes:
-    """Accuracy and loss against cumulative MB sent (down + up)."""
-    fig, (acc, loss) = _figure(ncols=2)
-    x = [r.cum_bytes / MB for r in s.rounds]
-    acc.plot(x, [r.accuracy for r in s.rounds], marker="o", color="C0")
-    acc.axhline(s.target_accuracy, color="grey", ls="--", lw=1, label=f"target {s.target_accuracy:.3f}")
-    acc.axvline(s.bytes_to_target / MB, color="grey", ls=":", lw=1,
-                label=f"reached at {s.bytes_to_target / MB:.3f} MB")
-    acc.set(xlabel="cumulative MB (down + up)", ylabel="test accuracy", title="Accuracy vs bytes")
-    acc.legend(loc="best", fontsize=8)
-    loss.plot(x, [r.loss for r in s.rounds], marker="o", color="C3")
+    """The primary metric and loss against cumulative MB sent (down + up)."""
+    fig, (score, loss) = _figure(ncols=2)
+    _score_axis(score, s, lambda r: r.cum_bytes / MB)
+    score.axvline(s.bytes_to_target / MB, color="grey", ls=":", lw=1,
+                  label=f"reached at {s.bytes_to_target / MB:.3f} MB")
+    score.set(xlabel="cumulative MB (down + up)", ylabel=f"test {s.metric_label}",
+              title=f"{_capital(s.metric_label)} vs bytes")
+    score.legend(loc="best", fontsize=8)
+    loss.plot([r.cum_bytes / MB for r in s.rounds], [r.loss for r in s.rounds], marker="o", color="C3")
     loss.set(xlabel="cumulative MB (down + up)", ylabel="test loss", title="Loss vs bytes")
     return _png(fig)
 
@@ -123,33 +141,44 @@ def epsilon_per_round(s: RunStats) -> bytes:
     return _png(fig)
 
 
-def comparison(stats: list[RunStats]) -> bytes:
-    """Accuracy against cumulative MB for every run in one plot."""
+def comparison(stats: list[RunStats]) -> Plot:
+    """Each run's primary metric against cumulative MB, every run in one plot."""
     fig, (ax,) = _figure(width=9.0, height=4.2)
     totals = [s.bytes_total for s in stats if s.bytes_total > 0]
     # Runs that differ by orders of magnitude in bytes only fit on a log axis; a log axis
     # cannot show round 0 (0 bytes), so those points are dropped there.
     log_x = len(totals) > 1 and max(totals) / min(totals) > 20
+    mixed = shared_metric(stats) is None
     for i, s in enumerate(sort_runs(stats)):
-        pts = [(r.cum_bytes / MB, r.accuracy) for r in s.rounds if not log_x or r.cum_bytes > 0]
+        pts = [(r.cum_bytes / MB, r.score) for r in s.scored_rounds if not log_x or r.cum_bytes > 0]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=4, color=f"C{i % 10}", label=f"{s.method} / {s.adapter} — {s.label}")
+            # Runs scored by different metrics share the y axis, so each legend entry names its own.
+            scored_by = f" ({s.metric_label})" if mixed else ""
+            ax.plot(*zip(*pts), marker="o", ms=4, color=f"C{i % 10}",
+                    label=f"{s.method} / {s.adapter} — {s.label}{scored_by}")
     if log_x:
         ax.set_xscale("log")
-    ax.set(xlabel="cumulative MB (down + up)" + (", log scale" if log_x else ""), ylabel="test accuracy",
-           title="Accuracy vs bytes, every run")
+    labels = metric_labels(stats)
+    ax.set(xlabel="cumulative MB (down + up)" + (", log scale" if log_x else ""), ylabel=f"test {labels}",
+           title=f"{_capital(labels)} vs bytes, every run")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
-    return _png(fig)
+    return Plot(f"{_capital(labels)} vs cumulative bytes, every run", _png(fig))
 
 
-def run_plots(s: RunStats) -> dict[str, bytes]:
+def comparison_stem(stats: list[RunStats]) -> str:
+    """The comparison plot's file stem: named by the shared metric, or "score" when runs differ."""
+    return f"comparison_{shared_metric(stats) or 'score'}_vs_bytes"
+
+
+def run_plots(s: RunStats) -> dict[str, Plot]:
     """Every plot of one run, by file stem; ε only when the run reports it."""
+    m, label = s.primary_metric, _capital(s.metric_label)
     plots = {
-        "accuracy_loss_vs_round": progress_vs_round(s),
-        "accuracy_loss_vs_bytes": progress_vs_bytes(s),
-        "bytes_per_round": bytes_per_round(s),
-        "bytes_per_client": bytes_per_client(s, s.num_clients),
+        f"{m}_loss_vs_round": Plot(f"{label} and loss vs round", progress_vs_round(s)),
+        f"{m}_loss_vs_bytes": Plot(f"{label} and loss vs cumulative bytes", progress_vs_bytes(s)),
+        "bytes_per_round": Plot("Bytes per round (download and upload stacked)", bytes_per_round(s)),
+        "bytes_per_client": Plot("Bytes per client over the run", bytes_per_client(s, s.num_clients)),
     }
     if s.has_epsilon:
-        plots["epsilon_vs_round"] = epsilon_per_round(s)
+        plots["epsilon_vs_round"] = Plot("Privacy budget ε vs round", epsilon_per_round(s))
     return plots

@@ -7,70 +7,108 @@ import csv
 import html
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedpeft.report import plots
+from fedpeft.report.plots import Plot
 from fedpeft.report.tables import (
     CLIENT_COLUMNS, COMPARISON_COLUMNS, DASH, MB, ROUND_COLUMNS, RunStats, client_rows, comparison_rows,
-    fmt_bytes, fmt_mb, fmt_num, round_rows, sort_runs,
+    fmt_bytes, fmt_mb, fmt_num, metric_labels, round_rows, shared_metric, sort_runs,
 )
+from fedpeft.scores import ROUGE_L, metric_label
 
-PLOT_TITLES = {
-    "accuracy_loss_vs_round": "Accuracy and loss vs round",
-    "accuracy_loss_vs_bytes": "Accuracy and loss vs cumulative bytes",
-    "bytes_per_round": "Bytes per round (download and upload stacked)",
-    "bytes_per_client": "Bytes per client over the run",
-    "epsilon_vs_round": "Privacy budget ε vs round",
-}
-# Display columns of the comparison table: (header, key of comparison_rows, formatter).
-DISPLAY_COLUMNS = [
-    ("method", "method", str),
-    ("adapter", "adapter", str),
-    ("codecs", "codecs", lambda v: DASH if v is None else str(v)),
-    ("final acc.", "final_accuracy", lambda v: fmt_num(v, 4)),
-    ("total MB", "total_mb", lambda v: f"{v:,.3f}"),
-    ("MB to target", "bytes_to_target", fmt_mb),
-    ("at round", "target_round", str),
-    ("full-model ×", "full_model_ratio", lambda v: DASH if v is None else f"{v:,.0f}×"),
-    ("ε", "epsilon", lambda v: fmt_num(v, 2)),
-    ("wall s", "wall_s", lambda v: fmt_num(v, 1)),
-    # The run name goes last: it is long, and method/adapter are what runs are lined up by.
-    ("run", "run", str),
-]
+Column = tuple[str, str, Callable[[Any], str]]  # (header, key of comparison_rows, formatter)
 
 
-def definitions(target_fraction: float) -> list[tuple[str, str]]:
+def _share(v: float | None) -> str:
+    return DASH if v is None else f"{v:.1%}"
+
+
+def display_columns(stats: list[RunStats]) -> list[Column]:
+    """The comparison table's columns: a metric column for mixed metrics, causal-LM extras when present."""
+    shared = shared_metric(stats)
+    cols: list[Column] = [
+        ("method", "method", str),
+        ("adapter", "adapter", str),
+        ("codecs", "codecs", lambda v: DASH if v is None else str(v)),
+    ]
+    if shared is None:
+        cols.append(("metric", "metric", metric_label))
+    cols.append((f"final {metric_label(shared)}" if shared else "final score", "final_score", lambda v: fmt_num(v, 4)))
+    # Exact match, perplexity and generation share exist only for causal-LM runs.
+    optional: list[tuple[Column, str]] = [
+        (("exact match", "final_exact_match", lambda v: fmt_num(v, 4)), "final_exact_match"),
+        (("perplexity", "final_perplexity", lambda v: fmt_num(v, 2)), "final_perplexity"),
+        (("gen. share", "generation_share", _share), "generation_share"),
+    ]
+    cols += [col for col, attr in optional if any(getattr(s, attr) is not None for s in stats)]
+    return cols + [
+        ("total MB", "total_mb", lambda v: f"{v:,.3f}"),
+        ("MB to target", "bytes_to_target", fmt_mb),
+        ("at round", "target_round", str),
+        ("full-model ×", "full_model_ratio", lambda v: DASH if v is None else f"{v:,.0f}×"),
+        ("ε", "epsilon", lambda v: fmt_num(v, 2)),
+        ("wall s", "wall_s", lambda v: fmt_num(v, 1)),
+        # The run name goes last: it is long, and method/adapter are what runs are lined up by.
+        ("run", "run", str),
+    ]
+
+
+def definitions(stats: list[RunStats]) -> list[tuple[str, str]]:
     """How each headline number is computed, shown in every report."""
-    return [
+    fraction, shared = stats[0].target_fraction, shared_metric(stats)
+    reaching = (f"test {metric_label(shared)} ≥ {fraction:g} × the final {metric_label(shared)}" if shared else
+                f"primary metric ({metric_labels(stats)}, per run) ≥ {fraction:g} × the run's final value")
+    sparse = any(len(s.scored_rounds) < len(s.rounds) for s in stats)
+    out = [
         ("bytes", "every figure is summed from the run's ledger, comm.csv (one row per record of every "
                   "message, as Flower serializes it); MB = 2^20 bytes, as `fedpeft simulate` prints it"),
         ("participations", "upload messages in rounds ≥ 1 of comm.csv (each message has one `_envelope` row; "
                            "round 0 is node discovery, not training)"),
-        (f"bytes to {target_fraction:.0%} of final", f"cumulative bytes, download + upload, through the end of the "
-         f"first round whose test accuracy ≥ {target_fraction:g} × the final accuracy (round 0 counts: it is 0 B "
-         "in a simulation)"),
+        (f"bytes to {fraction:.0%} of final", f"cumulative bytes, download + upload, through the end of the "
+         f"first round whose {reaching} (round 0 counts: it is 0 B in a simulation)"
+         + ("; only rounds that measured it count (causal-LM runs generate every `eval.generate_every` rounds, "
+            "round 0 and the last round always), and the final value is the last one measured" if sparse else "")),
         ("full-model FedAvg", "2 × participations × full_model_message_bytes (from summary.json, where it is "
                               "measured by serializing a message carrying every base-model weight): FedPara's "
                               "cost metric for the same participants and rounds"),
         ("ε", "the last round's `epsilon_max` in metrics.jsonl (maximum over clients); — when the run has no DP"),
     ]
+    if any(s.primary_metric == ROUGE_L for s in stats):
+        out += [
+            ("Rouge-L, exact match", "scores of the global model's greedy generations against the reference "
+                                     "responses of the held-out prompts (`rouge_l`, `exact_match` in metrics.jsonl, "
+                                     "on generation rounds); perplexity from the held-out response loss per "
+                                     "token (`perplexity`, every round)"),
+            ("generation share", "the fraction of round time spent generating (`generation_share` in summary.json)"),
+        ]
+    return out
 
 
 def headline(s: RunStats) -> list[tuple[str, str]]:
     """The headline numbers of one run as (label, text) pairs."""
     ref = s.full_model_fedavg_bytes
     ratio = s.full_model_ratio
-    return [
+    label = s.metric_label
+    status = [("status", f"the run {s.incomplete}: figures cover the rounds it recorded")] if s.incomplete else []
+    extras = [(name, text) for name, value, text in (
+        ("exact match (final)", s.final_exact_match, fmt_num(s.final_exact_match, 4)),
+        ("perplexity (final)", s.final_perplexity, fmt_num(s.final_perplexity, 2)),
+        ("generation share of round time", s.generation_share, _share(s.generation_share)),
+    ) if value is not None]
+    status += [("stopped", f"{s.stopped}; figures cover the rounds it sent")] if s.stopped else []
+    return status + [
         ("method / adapter", f"{s.method} / {s.adapter}"),
         ("codecs", s.codecs or DASH),
         ("rounds / participations", f"{s.rounds[-1].round} / {s.participations}"),
-        ("accuracy round 0 → final (best)", f"{s.initial_accuracy:.4f} → {s.final_accuracy:.4f} ({s.best_accuracy:.4f})"),
+        (f"{label} round 0 → final (best)", f"{s.initial_score:.4f} → {s.final_score:.4f} ({s.best_score:.4f})"),
+        *extras,
         ("bytes down", f"{fmt_bytes(s.bytes_down)} in {s.messages_down:,} messages"),
         ("bytes up", f"{fmt_bytes(s.bytes_up)} in {s.messages_up:,} messages"),
         ("bytes total", fmt_bytes(s.bytes_total)),
-        (f"bytes to {s.target_fraction:.0%} of final accuracy",
+        (f"bytes to {s.target_fraction:.0%} of final {label}",
          f"{fmt_bytes(s.bytes_to_target)}, reached at round {s.target_round} "
-         f"(accuracy ≥ {s.target_accuracy:.4f})"
+         f"({label} ≥ {s.target_score:.4f})"
          + (": the initial model already met it" if s.target_round == 0 else "")),
         ("full-model FedAvg reference",
          DASH + " (no summary.json)" if ref is None else
@@ -87,32 +125,35 @@ def write_report(stats: list[RunStats], out: Path, title: str | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     stats = sort_runs(stats)
     title = title or (f"fedpeft report: {stats[0].label}" if len(stats) == 1 else f"fedpeft comparison: {len(stats)} runs")
-    figures: dict[str, dict[str, bytes]] = {s.label: plots.run_plots(s) for s in stats}
-    comparison_png = plots.comparison(stats) if len(stats) > 1 else None
+    figures: dict[str, dict[str, Plot]] = {s.label: plots.run_plots(s) for s in stats}
+    comparison = plots.comparison(stats) if len(stats) > 1 else None
 
     files: dict[str, Path] = {}
     plot_dir = out / "plots"
-    plot_paths: dict[str, dict[str, str]] = {}
+    # Markdown links each plot by (caption, path relative to the report).
+    plot_links: dict[str, list[tuple[str, str]]] = {}
     for label, figs in figures.items():
         (plot_dir / label).mkdir(parents=True, exist_ok=True)
-        plot_paths[label] = {}
-        for stem, png in figs.items():
+        plot_links[label] = []
+        for stem, fig in figs.items():
             p = plot_dir / label / f"{stem}.png"
-            p.write_bytes(png)
-            plot_paths[label][stem] = p.relative_to(out).as_posix()
+            p.write_bytes(fig.png)
+            plot_links[label].append((fig.title, p.relative_to(out).as_posix()))
             files[f"plot:{label}:{stem}"] = p
-    if comparison_png is not None:
-        p = plot_dir / "comparison_accuracy_vs_bytes.png"
-        p.write_bytes(comparison_png)
+    comparison_link = None
+    if comparison is not None:
+        p = plot_dir / f"{plots.comparison_stem(stats)}.png"
+        p.write_bytes(comparison.png)
         files["plot:comparison"] = p
+        comparison_link = (comparison.title, p.relative_to(out).as_posix())
 
     files["runs.csv"] = _write_csv(out / "runs.csv", COMPARISON_COLUMNS, comparison_rows(stats))
     files["rounds.csv"] = _write_csv(out / "rounds.csv", ROUND_COLUMNS, round_rows(stats))
     files["clients.csv"] = _write_csv(out / "clients.csv", CLIENT_COLUMNS, client_rows(stats))
     files["report.md"] = out / "report.md"
-    files["report.md"].write_text(markdown(stats, title, plot_paths, comparison_png is not None))
+    files["report.md"].write_text(markdown(stats, title, plot_links, comparison_link))
     files["report.html"] = out / "report.html"
-    files["report.html"].write_text(html_page(stats, title, figures, comparison_png))
+    files["report.html"].write_text(html_page(stats, title, figures, comparison))
     return files
 
 
@@ -131,27 +172,29 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown(stats: list[RunStats], title: str, plot_paths: dict[str, dict[str, str]], has_comparison: bool) -> str:
-    """The report as Markdown, with plots linked as PNG files next to it."""
+def markdown(stats: list[RunStats], title: str, plot_links: dict[str, list[tuple[str, str]]],
+             comparison_link: tuple[str, str] | None) -> str:
+    """The report as Markdown, with plots linked (caption, relative path) as PNG files next to it."""
     lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(stats)} run director"
              f"{'y' if len(stats) == 1 else 'ies'}.", ""]
     if len(stats) > 1:
+        columns = display_columns(stats)
         lines += ["## Comparison", ""]
-        lines.append("| " + " | ".join(h for h, _, _ in DISPLAY_COLUMNS) + " |")
-        lines.append("|" + "|".join("---" for _ in DISPLAY_COLUMNS) + "|")
+        lines.append("| " + " | ".join(h for h, _, _ in columns) + " |")
+        lines.append("|" + "|".join("---" for _ in columns) + "|")
         for row in comparison_rows(stats):
-            lines.append("| " + " | ".join(_md_cell(f(row[k])) for _, k, f in DISPLAY_COLUMNS) + " |")
+            lines.append("| " + " | ".join(_md_cell(f(row[k])) for _, k, f in columns) + " |")
         lines.append("")
-        if has_comparison:
-            lines += ["![Accuracy vs bytes, every run](plots/comparison_accuracy_vs_bytes.png)", ""]
+        if comparison_link:
+            lines += ["![{}]({})".format(*comparison_link), ""]
     for s in stats:
         lines += [f"## {s.label}", "", f"`{s.path}`", "", "| | |", "|---|---|"]
         lines += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in headline(s)]
         lines.append("")
-        for stem, rel in plot_paths[s.label].items():
-            lines += [f"![{PLOT_TITLES.get(stem, stem)}]({rel})", ""]
+        for caption, rel in plot_links[s.label]:
+            lines += [f"![{caption}]({rel})", ""]
     lines += ["## How the numbers are computed", ""]
-    lines += [f"- **{k}**: {v}" for k, v in definitions(stats[0].target_fraction)]
+    lines += [f"- **{k}**: {v}" for k, v in definitions(stats)]
     lines += ["", "Tables: `runs.csv` (one row per run), `rounds.csv` (per run and round), "
               "`clients.csv` (per run and client).", ""]
     return "\n".join(lines)
@@ -208,11 +251,12 @@ def _kv_table(pairs: list[tuple[str, str]]) -> str:
 
 
 def _comparison_table(stats: list[RunStats]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h, _, _ in DISPLAY_COLUMNS)
+    columns = display_columns(stats)
+    head = "".join(f"<th>{_esc(h)}</th>" for h, _, _ in columns)
     body = []
     for row in comparison_rows(stats):
         cells = []
-        for _, k, f in DISPLAY_COLUMNS:
+        for _, k, f in columns:
             v = row[k]
             cls = ' class="num"' if isinstance(v, (int, float)) else ""
             cells.append(f'<td{cls} data-v="{_esc("" if v is None else v)}">{_esc(f(v))}</td>')
@@ -221,16 +265,17 @@ def _comparison_table(stats: list[RunStats]) -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def _run_section(s: RunStats, figs: dict[str, bytes], collapsible: bool) -> str:
+def _run_section(s: RunStats, figs: dict[str, Plot], collapsible: bool) -> str:
     inner = (f'<p class="muted"><code>{_esc(s.path)}</code></p>{_kv_table(headline(s))}'
-             + "".join(_img(png, PLOT_TITLES.get(stem, stem)) for stem, png in figs.items()))
+             + "".join(_img(fig.png, fig.title) for fig in figs.values()))
     if collapsible:
         return (f"<details><summary>{_esc(s.label)} — {_esc(s.method)} / {_esc(s.adapter)}, "
-                f"final accuracy {s.final_accuracy:.4f}, {s.bytes_total / MB:,.3f} MB</summary>{inner}</details>")
+                f"final {_esc(s.metric_label)} {s.final_score:.4f}, {s.bytes_total / MB:,.3f} MB</summary>"
+                f"{inner}</details>")
     return f"<section><h2>{_esc(s.label)}</h2>{inner}</section>"
 
 
-def html_page(stats: list[RunStats], title: str, figures: dict[str, dict[str, bytes]], comparison_png: bytes | None) -> str:
+def html_page(stats: list[RunStats], title: str, figures: dict[str, dict[str, Plot]], comparison: Plot | None) -> str:
     """The report as one HTML file: inline CSS and JS, plots embedded as base64 PNG, no network needed."""
     parts = [f"<h1>{_esc(title)}</h1>",
              f'<p class="muted">Generated {_esc(time.strftime("%Y-%m-%d %H:%M:%S"))} from {len(stats)} run '
@@ -239,14 +284,15 @@ def html_page(stats: list[RunStats], title: str, figures: dict[str, dict[str, by
     if many:
         parts.append("<section><h2>Comparison</h2>"
                      '<p class="muted">Click a column header to sort. "MB to target": cumulative MB through the first '
-                     f"round reaching {stats[0].target_fraction:.0%} of that run's final accuracy. "
+                     f"round reaching {stats[0].target_fraction:.0%} of that run's final {_esc(metric_labels(stats))}"
+                     + ("" if shared_metric(stats) else " (the metric column names each run's)") + ". "
                      '"full-model ×": how many times more bytes full-model FedAvg would move for the same '
                      "participations.</p>"
                      + _comparison_table(stats)
-                     + (_img(comparison_png, "Accuracy vs cumulative bytes, every run") if comparison_png else "")
+                     + (_img(comparison.png, comparison.title) if comparison else "")
                      + "</section><h2>Runs</h2>")
     parts += [_run_section(s, figures[s.label], collapsible=many) for s in stats]
-    defs = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in definitions(stats[0].target_fraction))
+    defs = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in definitions(stats))
     parts.append(f"<section><h2>How the numbers are computed</h2><dl>{defs}</dl></section>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{_esc(title)}</title>"

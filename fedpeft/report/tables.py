@@ -11,10 +11,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpeft.ledger import ENVELOPE
+from fedpeft.budget import describe_stop
+from fedpeft.ledger import ENVELOPE, MB
 from fedpeft.report.load import Run
+from fedpeft.scores import EXACT_MATCH, metric_label
 
-MB = 1024 * 1024  # the unit `fedpeft simulate` prints as MB, so both commands show the same figures
 DASH = "—"
 DEFAULT_TARGET = 0.9
 
@@ -24,7 +25,7 @@ class RoundStats:
     """One round: evaluation after it, and the bytes it moved according to the ledger."""
 
     round: int
-    accuracy: float
+    score: float | None  # the run's primary metric; None on rounds that do not measure it (no generation)
     loss: float
     bytes_down: int
     bytes_up: int
@@ -33,6 +34,8 @@ class RoundStats:
     train_loss: float | None = None
     epsilon_max: float | None = None
     epsilon_median: float | None = None
+    perplexity: float | None = None
+    exact_match: float | None = None
 
 
 @dataclass
@@ -65,19 +68,35 @@ class RunStats:
     messages_down: int
     messages_up: int
     participations: int
-    initial_accuracy: float
-    final_accuracy: float
-    best_accuracy: float
+    primary_metric: str  # the metric scores are in: "accuracy", "rouge_l", …
+    initial_score: float
+    final_score: float
+    best_score: float
     target_fraction: float
-    target_accuracy: float
+    target_score: float
     target_round: int
     bytes_to_target: int
     full_model_message_bytes: int | None
     epsilon: float | None
     wall_s: float | None
     num_clients: int | None = None
+    final_exact_match: float | None = None
+    final_perplexity: float | None = None
+    generation_share: float | None = None  # fraction of round time spent generating (causal-LM runs)
+    incomplete: str | None = None  # why the run did not complete (failed, interrupted, …)
+    stopped: str | None = None  # why a completed run ended before its last round (the communication budget)
     rounds: list[RoundStats] = field(default_factory=list)
     clients: list[ClientStats] = field(default_factory=list)
+
+    @property
+    def metric_label(self) -> str:
+        """The primary metric's display name ("accuracy", "Rouge-L")."""
+        return metric_label(self.primary_metric)
+
+    @property
+    def scored_rounds(self) -> list[RoundStats]:
+        """The rounds that measured the primary metric, in order."""
+        return [r for r in self.rounds if r.score is not None]
 
     @property
     def bytes_total(self) -> int:
@@ -127,11 +146,15 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
             if rec.direction == "up" and rec.round >= 1:
                 participations += 1
 
-    rounds = _round_stats(run, per_round)
-    initial, final = rounds[0].accuracy, rounds[-1].accuracy
+    metric = run.primary_metric
+    rounds = _round_stats(run, per_round, metric)
+    # Only rounds that measured the metric count (causal-LM runs generate every few rounds);
+    # loading guarantees there is at least one.
+    scored = [r for r in rounds if r.score is not None]
+    initial, final = scored[0].score, scored[-1].score
     target = target_fraction * final
-    # The last round always qualifies (fraction <= 1), so a first qualifying round exists.
-    reached = next(r for r in rounds if r.accuracy >= target)
+    # The last scored round always qualifies (fraction <= 1), so a first qualifying round exists.
+    reached = next(r for r in scored if r.score >= target)
     clients = [
         ClientStats(cid, c["down"], c["up"], c["msg_down"], c["msg_up"])
         for cid, c in sorted(per_client.items()) if cid >= 0
@@ -144,28 +167,37 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         codecs=format_codecs(_configured(run.config.get("codecs"))),
         bytes_down=totals["down"], bytes_up=totals["up"],
         messages_down=messages["down"], messages_up=messages["up"], participations=participations,
-        initial_accuracy=initial, final_accuracy=final, best_accuracy=max(r.accuracy for r in rounds),
-        target_fraction=target_fraction, target_accuracy=target, target_round=reached.round,
+        primary_metric=metric, initial_score=initial, final_score=final, best_score=max(r.score for r in scored),
+        target_fraction=target_fraction, target_score=target, target_round=reached.round,
         bytes_to_target=reached.cum_bytes,
         full_model_message_bytes=int(full) if isinstance(full, (int, float)) else None,
         epsilon=eps[-1] if eps else None,
         wall_s=float(wall) if isinstance(wall, (int, float)) else None,
         num_clients=_opt_int(run.config.get("sim", {}).get("num_clients", run.summary.get("num_clients"))),
+        final_exact_match=_last(rounds, "exact_match"), final_perplexity=_last(rounds, "perplexity"),
+        generation_share=_opt_float(run.summary.get("generation_share")),
+        incomplete=run.incomplete, stopped=describe_stop(run.stopped) if run.stopped else None,
         rounds=rounds, clients=clients,
     )
 
 
-def _round_stats(run: Run, per_round: dict[int, dict[str, int]]) -> list[RoundStats]:
+def _last(rounds: list[RoundStats], attr: str) -> float | None:
+    values = [getattr(r, attr) for r in rounds if getattr(r, attr) is not None]
+    return values[-1] if values else None
+
+
+def _round_stats(run: Run, per_round: dict[int, dict[str, int]], metric: str) -> list[RoundStats]:
     out = []
     for m in run.metrics:
         rnd = int(m["round"])
         cum = sum(b["down"] + b["up"] for r, b in per_round.items() if r <= rnd)
         out.append(RoundStats(
-            round=rnd, accuracy=float(m["accuracy"]), loss=float(m["loss"]),
+            round=rnd, score=_opt_float(m.get(metric)), loss=float(m["loss"]),
             bytes_down=per_round.get(rnd, {}).get("down", 0), bytes_up=per_round.get(rnd, {}).get("up", 0),
             cum_bytes=cum, clients=int(m.get("clients", 0) or 0),
             train_loss=_opt_float(m.get("train_loss")),
             epsilon_max=_opt_float(m.get("epsilon_max")), epsilon_median=_opt_float(m.get("epsilon_median")),
+            perplexity=_opt_float(m.get("perplexity")), exact_match=_opt_float(m.get(EXACT_MATCH)),
         ))
     return out
 
@@ -201,9 +233,23 @@ def sort_runs(stats: list[RunStats]) -> list[RunStats]:
     return sorted(stats, key=lambda s: (s.method, s.adapter, s.label))
 
 
+def shared_metric(stats: list[RunStats]) -> str | None:
+    """The primary metric every run uses, or None when the runs are scored by different metrics."""
+    metrics = {s.primary_metric for s in stats}
+    return metrics.pop() if len(metrics) == 1 else None
+
+
+def metric_labels(stats: list[RunStats]) -> str:
+    """The runs' primary metrics as one phrase ("accuracy", "accuracy or Rouge-L")."""
+    return " or ".join(dict.fromkeys(s.metric_label for s in sort_runs(stats)))
+
+
 # ----- table rows (shared by the HTML, Markdown and CSV writers) ----------------------------
+# Scores are in generic columns, named by `metric` in every row, so runs scored by different
+# metrics share one CSV schema.
 COMPARISON_COLUMNS = [
-    "run", "method", "adapter", "codecs", "final_accuracy", "total_mb", "bytes_down", "bytes_up",
+    "run", "method", "adapter", "codecs", "metric", "final_score", "best_score", "final_exact_match",
+    "final_perplexity", "generation_share", "total_mb", "bytes_down", "bytes_up",
     "bytes_to_target", "target_round", "full_model_ratio", "epsilon", "wall_s",
 ]
 
@@ -213,7 +259,9 @@ def comparison_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
     return [
         {
             "run": s.label, "method": s.method, "adapter": s.adapter, "codecs": s.codecs,
-            "final_accuracy": s.final_accuracy, "total_mb": s.bytes_total / MB,
+            "metric": s.primary_metric, "final_score": s.final_score, "best_score": s.best_score,
+            "final_exact_match": s.final_exact_match, "final_perplexity": s.final_perplexity,
+            "generation_share": s.generation_share, "total_mb": s.bytes_total / MB,
             "bytes_down": s.bytes_down, "bytes_up": s.bytes_up,
             "bytes_to_target": s.bytes_to_target, "target_round": s.target_round,
             "full_model_ratio": s.full_model_ratio, "epsilon": s.epsilon, "wall_s": s.wall_s,
@@ -222,15 +270,16 @@ def comparison_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
     ]
 
 
-ROUND_COLUMNS = ["run", "round", "accuracy", "loss", "train_loss", "bytes_down", "bytes_up", "cum_bytes",
-                 "clients", "epsilon_max", "epsilon_median"]
+ROUND_COLUMNS = ["run", "round", "metric", "score", "loss", "perplexity", "exact_match", "train_loss", "bytes_down",
+                 "bytes_up", "cum_bytes", "clients", "epsilon_max", "epsilon_median"]
 CLIENT_COLUMNS = ["run", "client_id", "bytes_down", "bytes_up", "bytes_total", "messages_down", "messages_up"]
 
 
 def round_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
     """One row per (run, round)."""
     return [
-        {"run": s.label, "round": r.round, "accuracy": r.accuracy, "loss": r.loss, "train_loss": r.train_loss,
+        {"run": s.label, "round": r.round, "metric": s.primary_metric, "score": r.score, "loss": r.loss,
+         "perplexity": r.perplexity, "exact_match": r.exact_match, "train_loss": r.train_loss,
          "bytes_down": r.bytes_down, "bytes_up": r.bytes_up, "cum_bytes": r.cum_bytes, "clients": r.clients,
          "epsilon_max": r.epsilon_max, "epsilon_median": r.epsilon_median}
         for s in sort_runs(stats) for r in s.rounds
