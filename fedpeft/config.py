@@ -151,6 +151,9 @@ class SimConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0.0)
     ray_address: str = Field("", description="attach to this running Ray cluster (host:port) instead of starting Ray")
     comm_budget_mb: float = Field(0.0, ge=0.0, description="stop before a round that would exceed this; 0 = none")
+    client_retries: int = Field(
+        0, ge=0, description="re-run a client whose Ray worker died up to this many times on a fresh worker"
+    )
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "SimConfig":

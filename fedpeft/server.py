@@ -28,6 +28,7 @@ from fedpeft.runconfig import (
 )
 from fedpeft.rundir import RunDir
 from fedpeft.privacy.user_level import with_user_dp
+from fedpeft.workers import round_counts
 from strategies import get_strategy_class
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -110,7 +111,8 @@ def run_server(
         if new_arrays is not None:
             arrays = new_arrays
         rejected = strategy.pop_rejections()
-        row = {"round": rnd, **eval_now(rnd), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected)}
+        row = {"round": rnd, **eval_now(rnd), **_bytes(ledger, rnd), "clients": len(replies), "rejected": len(rejected),
+               **round_counts()}  # workers_replaced, client_retries under the simulation engine
         client_metrics = strategy.pop_client_metrics()
         row.update(epsilon_stats(privacy.record(rnd, client_metrics)))
         seconds = [float(m[TRAIN_SECONDS]) for _, m in client_metrics if TRAIN_SECONDS in m]

@@ -29,6 +29,7 @@ from fedpeft.rundir import RunDir
 from fedpeft.runlog import error_text, origin, run_log, write_traceback
 from fedpeft.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
 from fedpeft.server import RoundCallback, make_server_app
+from fedpeft.workers import worker_recovery
 
 
 def _write_app_descriptor(run_dir: Path, run_config: dict) -> Path:
@@ -263,18 +264,19 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     try:
-        vce.start_vce(
-            backend_name="ray",
-            backend_config_json_stream=json.dumps(backend_config),
-            app_dir=str(app_dir),
-            is_app=True,
-            f_stop=f_stop,
-            run=run,
-            metrics=VceMetrics(),
-            client_app=client_app,
-            state_factory=state_factory,
-            existing_nodes_mapping=mapping,
-        )
+        with worker_recovery(cfg.sim.client_retries):  # a dead Ray worker is replaced (fedpeft.workers)
+            vce.start_vce(
+                backend_name="ray",
+                backend_config_json_stream=json.dumps(backend_config),
+                app_dir=str(app_dir),
+                is_app=True,
+                f_stop=f_stop,
+                run=run,
+                metrics=VceMetrics(),
+                client_app=client_app,
+                state_factory=state_factory,
+                existing_nodes_mapping=mapping,
+            )
     finally:
         stop.set()
         f_stop.set()

@@ -159,7 +159,8 @@ def test_a_dead_worker_is_logged_to_run_log_not_over_the_progress_display(tmp_pa
     out = tmp_path / "runs"
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), COLUMNS="200", FEDPEFT_TEST_MARKER=marker)
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", str(SMOKE), "--set", f'output.dir="{out}"']
-    # One Ray worker: once it is killed, every reply of the run fails fast (Flower keeps the dead actor).
+    # One Ray worker, killed once it is up: the client it was running (or was sent next) fails, naming it;
+    # fedpeft.workers replaces it, so round 2 has every reply (Flower's pool alone kept the dead actor).
     for s in [*TINY_RUN, "sim.rounds=2", "data.builtin.num_train=200", "data.builtin.num_test=60"]:
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -186,6 +187,9 @@ def test_a_dead_worker_is_logged_to_run_log_not_over_the_progress_display(tmp_pa
     assert re.search(r"\d+ × client failed: ActorDiedError: The actor died unexpectedly", stdout), stdout
     log = (run_dir / "run.log").read_text()
     assert "ActorDiedError" in log and f"pid: {killed}" in log.lower() and "ERROR flwr" in log
+    rows = RunDir(run_dir).metrics()
+    assert (rows[1]["workers_replaced"], rows[1]["client_retries"]) == (1, 0), rows[1]
+    assert (rows[2]["rejected"], rows[2]["workers_replaced"]) == (0, 0), rows[2]  # the fresh worker took every client
     assert read_status(run_dir)["status"] == "completed"
 
 
