@@ -26,6 +26,7 @@ from fedpeft.privacy.sample_level import check_task
 from fedpeft.env import set_offline_env
 from fedpeft.nodes import NodeDirectory
 from fedpeft.rundir import RunDir
+from fedpeft.seeding import fixed_width_id
 from fedpeft.runlog import error_text, origin, run_log, write_traceback
 from fedpeft.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
 from fedpeft.server import RoundCallback, make_server_app
@@ -187,17 +188,38 @@ def _log_ray_session() -> None:
         pass
 
 
+def register_nodes(num_nodes: int, state_factory, seed: int) -> dict[int, int]:
+    """Register the virtual SuperNodes under ids drawn from the run seed; node id → partition id.
+
+    Flower draws node ids at random, and they sit in every message's metadata, so two runs with
+    the same seed differed in their charged bytes (a varint's width) and in comm.csv. Seeded ids
+    of one fixed width make the same config and seed give byte-identical messages.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    ids = iter([fixed_width_id(seed, "node-id", i) for i in range(num_nodes)])
+    draw = in_memory_linkstate.generate_rand_int_from_bytes
+    # Flower 1.41's create_node draws the id through this module global; only node ids are drawn meanwhile.
+    in_memory_linkstate.generate_rand_int_from_bytes = lambda num_bytes, exclude=None: next(ids)
+    try:
+        mapping = vce_api._register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+    finally:
+        in_memory_linkstate.generate_rand_int_from_bytes = draw
+    if len(mapping) != num_nodes or 0 in mapping:
+        raise RuntimeError(f"registered {len(mapping)} of {num_nodes} virtual nodes (an id collided)")
+    return mapping
+
+
 def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallback | None, verbose: bool) -> None:
     # Flower internals used by flwr.simulation.run_simulation (flwr pinned to 1.41.0).
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
     from flwr.server.superlink.fleet import vce
     from flwr.server.superlink.fleet.vce.metrics import VceMetrics
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import run_serverapp_th
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
     from flwr.supercore.logger import update_console_handler
@@ -212,8 +234,9 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
         update_console_handler(level=logging.DEBUG, timestamps=True, colored=True)
 
     state_factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    # Seeded ids (Flower draws them at random): they sit in every message's metadata.
+    run = Run.create_empty(run_id=fixed_width_id(cfg.sim.seed, "run-id"))
+    run.primary_task_id = fixed_width_id(cfg.sim.seed, "task-id")
     run.federation_id = NOOP_FEDERATION_ID
     run.override_config = dict(run_config)
     TaskIdentity.task_id = 1
@@ -224,7 +247,7 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
     state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
 
     # Register the virtual SuperNodes first: their partition ids become fedpeft client ids.
-    mapping = _register_nodes(num_nodes=cfg.sim.num_clients, state_factory=state_factory)
+    mapping = register_nodes(cfg.sim.num_clients, state_factory, cfg.sim.seed)
     directory = NodeDirectory(mapping)
     grid = InMemoryGrid(state_factory=state_factory)
     grid.set_run(run)

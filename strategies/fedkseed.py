@@ -79,6 +79,7 @@ ZEROTH_ORDER = Capabilities(
     codecs=(),
     codecs_why="its uploads are already seeds and scalars",
     weighted_mean="a per-seed mean of scalars applied by replay",
+    tensor_uploads="its uploads are seeds and scalars",
 )
 
 
@@ -132,9 +133,9 @@ class FedKSeed(AdapterStrategy):
             self.synced[client] = server_round - 1
         return msgs
 
-    def check_reply(self, content: RecordDict) -> str | None:
+    def check_reply(self, content: RecordDict, client: int = -1) -> str | None:
         """Why a reply cannot be aggregated (bad metrics, missing or malformed scalars), or None."""
-        reason = check_metrics(content)
+        reason = check_metrics(content, self.example_limits.get(client))
         if reason:
             return reason
         if SCALARS_RECORD not in content.config_records or "scalars" not in content[SCALARS_RECORD]:
