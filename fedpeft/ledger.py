@@ -108,7 +108,8 @@ class LedgerRow:
 class CommLedger:
     """Collects ledger rows; `flush` resolves client ids and appends new rows to the CSV file."""
 
-    def __init__(self, path: Path | None, client_of: Callable[[int], int]) -> None:
+    def __init__(self, path: Path | None, client_of: Callable[[int], int], resume: bool = False) -> None:
+        """A new ledger file at `path`; with `resume`, the rows already in it (a resumed run) are taken up."""
         self.path = path
         self.client_of = client_of
         self.round = 0
@@ -116,9 +117,22 @@ class CommLedger:
         self._flushed = 0
         self._largest: dict[tuple[int, str], int] = {}  # (round, direction) -> largest message
         self._lock = threading.Lock()
-        if path is not None:
+        if path is not None and resume:
+            self._take_up(path)
+        elif path is not None:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(COLUMNS)
+
+    def _take_up(self, path: Path) -> None:
+        with path.open(newline="") as f:
+            self.rows = [LedgerRow(int(r["round"]), int(r["client_id"]), int(r["node_id"]), r["direction"],
+                                   r["message_type"], r["record"], int(r["bytes"])) for r in csv.DictReader(f)]
+        self._flushed = len(self.rows)
+        per_message: dict[tuple[int, str, int], int] = defaultdict(int)  # one message per node, round and direction
+        for r in self.rows:
+            per_message[(r.round, r.direction, r.node_id)] += r.bytes
+        for (rnd, direction, _), n in per_message.items():
+            self._largest[(rnd, direction)] = max(self._largest.get((rnd, direction), 0), n)
 
     def charge(self, msg: Message, direction: str, cache: dict[str, int] | None = None) -> int:
         """Record every record of `msg` for the current round; returns the message's bytes.
@@ -221,6 +235,10 @@ class LedgerGrid:
             if pending and not got:
                 time.sleep(self.poll_s)
         self.timed_out = [sent[i].metadata.dst_node_id for i in pending]
+        # Replies in the order their messages were sent, not of arrival: aggregation sums them in
+        # this order, so floating-point results (and the ledger's rows) do not depend on timing.
+        order = {msg_id: i for i, msg_id in enumerate(ids)}
+        replies.sort(key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
         charged = [self.ledger.charge(r, "up") for r in replies]
         ok, self.refused = screen(sent, replies, charged, reply_limit(self.max_reply_mb, largest))
         return ok

@@ -26,10 +26,12 @@ from fedpeft.nodes import NodeDirectory, discover
 from fedpeft.privacy.ledger import PrivacyLedger, epsilon_stats
 from fedpeft.records import TRAIN_SECONDS
 from fedpeft.runconfig import (
-    DEFAULT_NODE_WAIT_S, NODE_WAIT_KEY, RUN_DIR_KEY, config_from, shared_dir, task_from,
+    DEFAULT_NODE_WAIT_S, NODE_WAIT_KEY, RESUME_KEY, RUN_DIR_KEY, config_from, shared_dir, task_from,
 )
+from fedpeft.resume import Checkpoint, log_sizes, read_checkpoint, truncate_logs, write_checkpoint
 from fedpeft.round_outcome import FailurePolicy, describe_failed_rounds, failures
 from fedpeft.rundir import RunDir
+from fedpeft.state import store_for
 from fedpeft.privacy.user_level import with_user_dp
 from strategies import get_strategy_class
 
@@ -68,9 +70,13 @@ def run_server(
     # scope=full, its base weights) to the next in-process run as its "initial" state.
     model = build_model(cfg, task.num_labels).to(device_for(cfg))
     t_start = time.perf_counter()
+    workdir = shared_dir(rc, context.run_id)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = _resume_point(rundir, workdir, context.run_id) if str(rc.get(RESUME_KEY, "")) == "1" else None
 
     holder = {"dir": directory}
-    ledger = CommLedger(rundir.comm_csv, client_of=lambda n: holder["dir"].client_of(n) if holder["dir"] else -1)
+    ledger = CommLedger(rundir.comm_csv, client_of=lambda n: holder["dir"].client_of(n) if holder["dir"] else -1,
+                        resume=ckpt is not None)
     privacy = PrivacyLedger(rundir.privacy_csv)
     lgrid = LedgerGrid(grid, ledger, stop, max_reply_mb=cfg.sim.max_reply_mb)
     simulated = directory is not None  # the driver's virtual nodes train on this task's partitions
@@ -80,8 +86,6 @@ def run_server(
         holder["dir"] = directory = discover(lgrid, cfg.sim.round_timeout_s, cfg.sim.num_clients, wait_s)
         log(INFO, "run directory %s; %d nodes: clients %s", rundir.path, len(directory.node_to_client),
             sorted(directory.node_to_client.values()))
-    workdir = shared_dir(rc, context.run_id)
-    workdir.mkdir(parents=True, exist_ok=True)
     method = get_strategy_class(cfg.method.name)(cfg, directory, model, workdir)
     if simulated:  # a reply claiming more examples than its client holds is forged
         method.example_limits = {cid: len(p) for cid, p in enumerate(task.partitions)}
@@ -100,15 +104,26 @@ def run_server(
             rundir.write_generations(rnd, evaluator.samples)
         return out
 
-    row0 = {"round": 0, **eval_now(0), **_bytes(ledger, 0), "clients": 0, "rejected": 0,
-            "round_s": 0.0, "elapsed_s": time.perf_counter() - t_start}
-    ledger.flush()
-    rundir.append_metrics(row0)
-    if on_round:
-        on_round(row0)
-    rows = [row0]
+    def save_point(rnd: int) -> None:  # after every round, so a killed run resumes from here
+        write_checkpoint(rundir.path, Checkpoint(rnd, arrays, strategy.state_dict(), log_sizes(rundir.path)))
+
+    if ckpt is not None:
+        arrays = ckpt.arrays
+        strategy.load_state_dict(ckpt.strategy)
+        rows = rundir.metrics()
+        policy.failed = sum(1 for r in rows if "round_failed" in r)
+        log(INFO, "resuming after round %d (%s)", ckpt.round, rundir.path)
+    else:
+        row0 = {"round": 0, **eval_now(0), **_bytes(ledger, 0), "clients": 0, "rejected": 0,
+                "round_s": 0.0, "elapsed_s": time.perf_counter() - t_start}
+        ledger.flush()
+        rundir.append_metrics(row0)
+        save_point(0)
+        if on_round:
+            on_round(row0)
+        rows = [row0]
     stopped = None
-    for rnd in range(1, cfg.sim.rounds + 1):
+    for rnd in range(rows[-1]["round"] + 1, cfg.sim.rounds + 1):
         t0 = time.perf_counter()
         ledger.round = rnd
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), lgrid))
@@ -153,6 +168,7 @@ def run_server(
         ledger.flush()
         rundir.append_metrics(row)
         rows.append(row)
+        save_point(rnd)
         every = cfg.output.checkpoint_every
         if every and rnd % every == 0 and rnd != cfg.sim.rounds:
             rundir.checkpoint(model, rnd)
@@ -180,6 +196,15 @@ def run_server(
         summary["stopped"] = stopped.record()
     rundir.write_summary(summary)
     return summary
+
+
+def _resume_point(rundir: RunDir, workdir: Path, run_id: int) -> Checkpoint:
+    """The checkpoint to resume from, with the logs cut back to it and the client state rolled back to its round."""
+    ckpt = read_checkpoint(rundir.path)
+    truncate_logs(rundir.path, ckpt.log_sizes)
+    undone = store_for(str(workdir), run_id).rollback(ckpt.round)
+    log(INFO, "resume: logs cut back to round %d; %d client state files written later rolled back", ckpt.round, undone)
+    return ckpt
 
 
 def _bytes(ledger: CommLedger, rnd: int) -> dict[str, int]:

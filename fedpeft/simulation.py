@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -28,7 +29,8 @@ from fedpeft.nodes import NodeDirectory
 from fedpeft.rundir import RunDir
 from fedpeft.seeding import fixed_width_id
 from fedpeft.runlog import error_text, origin, run_log, write_traceback
-from fedpeft.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
+from fedpeft.resume import ResumeError, read_checkpoint
+from fedpeft.runconfig import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY, TASK_KEY
 from fedpeft.server import RoundCallback, make_server_app
 
 
@@ -109,8 +111,13 @@ def simulate(
     on_round: RoundCallback | None = None,
     verbose: bool = False,
     on_start: Callable[[Path], None] | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Run one federated simulation end to end and return its summary.
+
+    With `resume` (a run directory whose run was killed or interrupted), go on from its last
+    completed round with its own config (`cfg` must be that config: `resume_config`), exactly
+    as if it had never stopped.
 
     `on_start` is called with the run directory as soon as it exists. From then on, Flower's and
     Ray's log lines go to `<run dir>/run.log` (and, unless `verbose`, nowhere else), and a run that
@@ -118,20 +125,10 @@ def simulate(
     traceback in run.log.
     """
     set_offline_env()
-    # Prepare data before the run directory exists: a missing file or a bad column fails here
-    # and leaves nothing half-made behind.
-    staging = Path(tempfile.mkdtemp(prefix="fedpeft-task-"))
-    try:
-        task = prepare(cfg, staging)
-        check_task(cfg, [len(p) for p in task.partitions])  # δ and target ε fail before any run dir exists
-        rundir = RunDir.create(cfg)
-        try:
-            shutil.move(str(staging), str(rundir.task_dir))
-        except BaseException as err:
-            _record_failure(rundir, err)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if resume is not None:
+        rundir, task = _reopen(resume)
+    else:
+        rundir, task = _prepare_run(cfg)
     if on_start:
         on_start(rundir.path)
     os.environ.setdefault("FLWR_HOME", str(rundir.path / ".flwr"))
@@ -144,6 +141,8 @@ def simulate(
 
             run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()),
                           RUN_DIR_KEY: str(rundir.path)}
+            if resume is not None:
+                run_config[RESUME_KEY] = "1"
             started_ray = not ray.is_initialized()
             if started_ray:
                 ray.init(**_ray_args(cfg, verbose, _warmup(cfg, rundir, task.num_labels)))
@@ -162,6 +161,54 @@ def simulate(
             _record_failure(rundir, err)
             raise
     return rundir.summary()
+
+
+def _prepare_run(cfg: Config):
+    """A fresh run directory with the prepared task in it."""
+    # Prepare data before the run directory exists: a missing file or a bad column fails here
+    # and leaves nothing half-made behind.
+    staging = Path(tempfile.mkdtemp(prefix="fedpeft-task-"))
+    try:
+        task = prepare(cfg, staging)
+        check_task(cfg, [len(p) for p in task.partitions])  # δ and target ε fail before any run dir exists
+        rundir = RunDir.create(cfg)
+        try:
+            shutil.move(str(staging), str(rundir.task_dir))
+        except BaseException as err:
+            _record_failure(rundir, err)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return rundir, task
+
+
+def resume_config(run_dir: Path) -> Config:
+    """The config a run directory was started with (its config.toml); ResumeError if it cannot be resumed."""
+    from fedpeft.recipe import load
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ResumeError(f"{run_dir} is not a fedpeft run directory (no config.toml)")
+    return load(run_dir / "config.toml")
+
+
+def _reopen(run_dir: Path):
+    """The run directory and prepared task of a run to resume; ResumeError if it cannot be resumed."""
+    from fedpeft.data import open_prepared
+    from fedpeft.rundir import read_status
+
+    rundir = RunDir(Path(run_dir))
+    status = read_status(rundir.path)
+    if status["status"] == "completed":
+        raise ResumeError(f"{rundir.path} completed: there is nothing to resume")
+    if status["status"] == "running":
+        raise ResumeError(f"{rundir.path} is still running (process {status.get('pid')}): stop it first")
+    read_checkpoint(rundir.path)  # fails with the reason before anything starts
+    if not (rundir.task_dir / "task.json").is_file():
+        raise ResumeError(f"{rundir.path} has lost its prepared task ({rundir.task_dir}); start the run again")
+    task = open_prepared(str(rundir.task_dir))
+    rundir.write_status("running", pid=os.getpid(), host=socket.gethostname(), resumed=True)
+    return rundir, task
 
 
 def _record_failure(rundir: RunDir, err: BaseException) -> None:
