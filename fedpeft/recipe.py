@@ -46,6 +46,9 @@ def check_faults(cfg: Config, spec: MethodSpec) -> None:
     if f.malformed and ((payload == "dense" and why) or (payload == "scalars" and not why)):
         what = "adapter tensors" if payload == "dense" else "FedKSeed scalars"
         raise ConfigError(f"faults.malformed_kind = '{f.malformed_kind}' malforms {what}, which {name} does not upload")
+    if f.malformed and payload == "dense" and cfg.codecs.up:
+        raise ConfigError(f"faults.malformed_kind = '{f.malformed_kind}' malforms dense adapter tensors, but codecs.up "
+                          "sends coded payloads (use a metrics kind such as 'nan_examples')")
 
 
 def check_capabilities(cfg: Config, spec: MethodSpec) -> None:

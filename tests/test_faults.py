@@ -97,10 +97,13 @@ def test_label_flipping_maps_each_class_to_its_mirror():
     ({"byzantine_fraction": 0.2, "attack": "sign_flip"}, "fedkseed", "label_flip"),
     ({"malformed": 0.1, "malformed_kind": "nan"}, "fedkseed", "does not upload"),
     ({"malformed": 0.1, "malformed_kind": "scalars_truncated"}, "fedavg", "does not upload"),
+    ({"malformed": 0.1, "malformed_kind": "nan", "codecs": ["delta", "topk:0.1"]}, "fedavg", "coded payloads"),
+    ({"byzantine_fraction": 0.2, "attack": "sign_flip", "codecs": ["delta", "topk:0.1"]}, "fedavg", "dense"),
 ])
 def test_impossible_fault_configs_are_refused_with_the_reason(faults, method, message):
+    up = faults.pop("codecs", [])
     with pytest.raises((ConfigError, ValueError), match=message):
-        validate({"method": {"name": method}, "faults": faults})
+        validate({"method": {"name": method}, "faults": faults, "codecs": {"up": up}})
 
 
 def test_min_replies_must_fit_the_round():
