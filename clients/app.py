@@ -9,6 +9,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from clients.base import Trainer
 from clients.codec import coded_train
+from clients.faults import fault_mod
 from clients.registry import get_trainer_class
 from clients.runtime import client_id, runtime
 from fedpeft.cluster import SERVICE_KEY, record_placement
@@ -43,7 +44,7 @@ def user_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return mod(msg, context, call_next)
 
 
-app = ClientApp(mods=[user_dp_mod])
+app = ClientApp(mods=[fault_mod, user_dp_mod])  # fault_mod outermost: a malformed reply is what travels
 
 
 @app.train()

@@ -13,6 +13,7 @@ from flwr.app import Message, RecordDict
 from fedpeft.adapters import adapter_parameters, adapter_state
 from fedpeft.config import Config
 from fedpeft.data import PreparedTask
+from fedpeft.records import SERVER_ROUND
 from fedpeft.state import ClientStateStore, store_for
 from strategies import get_strategy_class
 
@@ -49,8 +50,10 @@ class Trainer(ABC):
         return adapter_parameters(self.rt.model, self.keys)
 
     def store(self, msg: Message) -> ClientStateStore:
-        """The client state store of this message's run."""
-        return store_for(self.rt.run_dir, msg.metadata.run_id)
+        """The client state store of this message's run, versioning what it writes by the message's round."""
+        config = msg.content["config"] if "config" in msg.content.config_records else {}
+        server_round = int(config[SERVER_ROUND]) if SERVER_ROUND in config else None
+        return store_for(self.rt.run_dir, msg.metadata.run_id, server_round)
 
     @abstractmethod
     def train(self, msg: Message, cid: int) -> RecordDict:

@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from clients.base import Trainer
 from clients.local_steps import DPSteps, LocalRound, PlainSteps, make_optimizer
 from clients.registry import register_trainer
-from clients.rows import ClientRows
+from clients.faults import label_flipped
+from clients.rows import ClientRows, FlippedLabels
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.causal_lm import batch_loss
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
@@ -39,7 +40,10 @@ class FirstOrderTrainer(Trainer):
         server_round = int(msg.content["config"][SERVER_ROUND])
         load_adapter_state(model, msg.content[ARRAYS].to_torch_state_dict(), keys=set(self.keys))
         params = [p for p in model.parameters() if p.requires_grad]
-        ctx = LocalRound(msg, cid, server_round, self.dataset(cid), params)
+        rows = self.dataset(cid)
+        if label_flipped(msg):  # a Byzantine client of `faults.attack = "label_flip"`
+            rows = FlippedLabels(rows, self.rt.task.num_labels)
+        ctx = LocalRound(msg, cid, server_round, rows, params)
         torch.manual_seed(derive_seed(cfg.sim.seed, server_round, cid, "dropout"))
         self.begin(ctx)
         model.train()

@@ -60,3 +60,23 @@ class ClientRows:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class FlippedLabels:
+    """A client's rows with every class label y replaced by (C − 1 − y): the label-flipping attack's data."""
+
+    def __init__(self, rows, num_labels: int) -> None:
+        self._rows, self._c = rows, num_labels
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key: Any):
+        if key == "label":
+            return [self._c - 1 - int(y) for y in self._rows["label"]]
+        return self._rows[key]
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._rows, name)

@@ -9,6 +9,7 @@ from flwr.app import Context
 from clients.base import ClientRuntime
 from fedpeft.cluster import SERVICE_KEY
 from fedpeft.data.nodefile import DATA_FILE_KEY, node_task
+from fedpeft.env import pin_client_threads
 from fedpeft.models import cached_model
 from fedpeft.runconfig import (
     CONFIG_KEY, OVERRIDES_KEY, RECIPE_KEY, RUN_DIR_KEY, TASK_KEY, config_from, shared_dir, task_from,
@@ -21,6 +22,8 @@ __all__ = ["ClientRuntime", "client_id", "runtime"]
 def _runtime(items: tuple[tuple[str, str], ...], run_id: int, data_file: str = "", cid: int = -1) -> ClientRuntime:
     rc = dict(items)
     cfg = config_from(rc)
+    if RUN_DIR_KEY in rc:  # a simulation worker (a deployed SuperNode keeps its machine's threads)
+        pin_client_threads(cfg.sim.cpus_per_client)
     task = task_from(rc, cfg)
     if data_file:  # a deployed node trains on its own file, not on a simulation partition
         task = node_task(task, cfg, data_file, cid)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from clients.faults import label_flipped
+from clients.rows import FlippedLabels
 from clients.base import ClientRuntime, Trainer
 from clients.registry import register_trainer
 from fedpeft.causal_lm import batch_loss
@@ -74,6 +76,8 @@ class ZerothOrderTrainer(Trainer):
         for p, s in zip(self.params, self.snapshot):
             s.copy_(p)
         ds = task.client_dataset(cid)
+        if label_flipped(msg):  # a Byzantine client of `faults.attack = "label_flip"`
+            ds = FlippedLabels(ds, task.num_labels)
         picks = rng(cfg.sim.seed, server_round, cid, "zo-seeds")
         p = self.probabilities()
         acc = np.zeros(self.k, dtype=np.float64)

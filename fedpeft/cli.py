@@ -34,7 +34,8 @@ def _pinned_console():
         console.file = None  # back to following sys.stderr
 
 
-def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool) -> tuple[dict | None, BaseException | None]:
+def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool,
+                       resume: Path | None = None) -> tuple[dict | None, BaseException | None]:
     """Run one simulation with a progress task per round; (summary, None) or (None, the exception it raised)."""
     from fedpeft.cli_display import ProgressLine
     from fedpeft.scores import primary_for_kind
@@ -46,7 +47,7 @@ def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool) -
         progress.update(task, completed=row["round"], status=line.update(row))
 
     try:
-        return run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=started), None
+        return run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=started, resume=resume), None
     except BaseException as err:  # reported by the caller, once the progress display has stopped
         return None, err
 
@@ -54,23 +55,37 @@ def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool) -
 @app.command()
 @guarded
 def simulate(
-    recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. simulations/default.toml")],
+    recipe: Annotated[Optional[Path], typer.Argument(help="TOML recipe, e.g. simulations/default.toml")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=3e-4")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs and full tracebacks")] = False,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="attach to a running Ray cluster (HOST:PORT) instead of starting Ray")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="go on with a killed or interrupted run from its last completed round (its run directory)")] = None,
 ) -> None:
-    """Run a federated fine-tuning simulation from a recipe."""
+    """Run a federated fine-tuning simulation from a recipe (or resume one: --resume RUN_DIR)."""
+    if (recipe is None) == (resume is None):
+        exit_expected("give a recipe to start a run, or --resume RUN_DIR to go on with one (not both)")
+    if resume is not None and set_:
+        exit_expected("a resumed run keeps the config it was started with: drop --set")
     if ray_address:
         set_ = [*(set_ or []), f"sim.ray_address={ray_address}"]
     set_offline_env()
     quiet_libraries(verbose)
     from fedpeft.config import ConfigError
     from fedpeft.recipe import load
+    from fedpeft.resume import ResumeError
 
     try:
-        cfg = load(recipe, set_ or [])
-    except ConfigError as err:
+        if resume is not None:
+            from fedpeft.simulation import resume_config
+
+            cfg = resume_config(resume)
+            if ray_address:
+                cfg = cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"ray_address": ray_address})})
+        else:
+            cfg = load(recipe, set_ or [])
+    except (ConfigError, ResumeError) as err:
         exit_expected(err)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.name}: method [cyan]{cfg.method.name}[/cyan], adapter [cyan]{cfg.adapter.type}[/cyan], "
@@ -87,7 +102,7 @@ def simulate(
         console=console,
         transient=False,
     ) as progress:
-        summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose)
+        summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose, resume)
     if isinstance(failure, KeyboardInterrupt):
         where = f" ({current.run_dir})" if current.run_dir else ""
         console.print(f"[yellow]interrupted[/yellow]: rounds completed so far are in the run directory{where}")

@@ -13,7 +13,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from fedpeft.budget import describe_stop
+from fedpeft.round_outcome import describe_stop
 from fedpeft.ledger import MB
 from fedpeft.scores import ACCURACY, metric_label, metric_short, primary_metric
 
@@ -82,6 +82,11 @@ def summary_table(s: dict[str, Any]) -> Table:
                   f"({s['full_model_fedavg_bytes'] / max(s['bytes_total'], 1):.0f}x more)")
     table.add_row("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}")
     table.add_row("rejected replies", rejections_text(s))
+    if s.get("failed_rounds"):
+        table.add_row("[yellow]failed rounds[/yellow]", f"{s['failed_rounds']} (fewer valid replies than sim.min_replies; "
+                      "global model unchanged in each)")
+    if s.get("injected_faults"):
+        table.add_row("injected faults", ", ".join(f"{k} {v}" for k, v in s["injected_faults"].items()))
     if "epsilon_max" in s:
         table.add_row("sample-level ε (max / median)", f"{s['epsilon_max']:.3f} / {s['epsilon_median']:.3f}")
     if "user_epsilon" in s:
@@ -115,6 +120,6 @@ def result_line(s: dict[str, Any]) -> str:
     """One line about a finished run of `fedpeft compare`: where it is, its final score and its bytes."""
     m = primary_metric(s)
     rejected = f", {s['rejected']} replies rejected" if s.get("rejected") else ""
-    stopped = f", stopped at the budget before round {s['stopped']['before_round']}" if s.get("stopped") else ""
+    stopped = f"; {describe_stop(s['stopped'])}" if s.get("stopped") else ""
     return (f"  → {s['run_dir']}: final {metric_label(m)} {s[f'final_{m}']:.4f}, "
             f"{s['bytes_total'] / MB:.3f} MB{rejected}{stopped}")

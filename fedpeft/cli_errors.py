@@ -98,10 +98,11 @@ def run_failed(failure: BaseException | None, label: str = "") -> None:
     from fedpeft.config import ConfigError
     from fedpeft.data import DataError
     from fedpeft.models import ModelLoadError
+    from fedpeft.resume import ResumeError
 
     if failure is None:
         return
-    if isinstance(failure, (ConfigError, DataError, ModelLoadError)):
+    if isinstance(failure, (ConfigError, DataError, ModelLoadError, ResumeError)):
         exit_expected(f"{label}{failure}")
     if isinstance(failure, Exception):
         exit_unexpected(failure, logged=current.run_dir is not None)

@@ -154,6 +154,11 @@ class SimConfig(_Section):
     client_retries: int = Field(
         0, ge=0, description="re-run a client whose Ray worker died up to this many times on a fresh worker"
     )
+    min_replies: float = Field(1.0, gt=0.0, description="valid replies a round needs: a count (>= 1) or a fraction "
+                               "(< 1) of the sampled clients; fewer = a failed round, global model unchanged")
+    max_failed_rounds: int = Field(0, ge=0, description="stop the run after this many failed rounds; 0 = never")
+    max_reply_mb: float = Field(0.0, ge=0.0, description="reject larger replies; 0 = 4x the round's largest "
+                                "download + 1 MiB")
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "SimConfig":
@@ -161,6 +166,9 @@ class SimConfig(_Section):
             raise ValueError(
                 f"sim.clients_per_round ({self.clients_per_round}) exceeds sim.num_clients ({self.num_clients})"
             )
+        if self.min_replies >= 1 and (self.min_replies != int(self.min_replies) or self.min_replies > self.clients_per_round):
+            raise ValueError(f"sim.min_replies ({self.min_replies:g}) must be a whole count <= sim.clients_per_round "
+                             f"({self.clients_per_round}), or a fraction below 1")
         return self
 
 
@@ -244,6 +252,38 @@ class CodecsConfig(_Section):
         return bool(self.up or self.down) or self.merge != "mean"
 
 
+class FaultsConfig(_Section):
+    """Injected faults, drawn from (sim.seed, round, client): identical in every run, simulated or deployed."""
+
+    crash: float = Field(0.0, ge=0.0, le=1.0, description="chance a sampled client's ClientApp raises")
+    straggle: float = Field(0.0, ge=0.0, le=1.0, description="chance a sampled client first sleeps straggle_s")
+    straggle_s: float = Field(5.0, ge=0.0, description="a straggler's delay (past sim.round_timeout_s: cut)")
+    drop: float = Field(0.0, ge=0.0, le=1.0, description="chance a client's reply is lost on its way back")
+    malformed: float = Field(0.0, ge=0.0, le=1.0, description="chance a client's reply is corrupted")
+    malformed_kind: str = Field("nan", description="how (fedpeft.faults.malformed.KINDS)")
+    byzantine_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fixed seeded set of Byzantine clients")
+    attack: Literal["sign_flip", "scale", "noise", "label_flip", "alie"] = "sign_flip"
+    attack_scale: float = Field(10.0, gt=0.0, description="sign_flip: -s x update; scale: s x update")
+    noise_std: float = Field(1.0, gt=0.0, description="noise: the update replaced by N(0, std^2) values")
+    alie_z: float | None = Field(None, description="alie: mean - z std; default from the sampled and Byzantine counts")
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> "FaultsConfig":
+        total = self.crash + self.straggle + self.drop + self.malformed
+        if total > 1.0 + 1e-12:
+            raise ValueError(f"faults.crash + straggle + drop + malformed = {total:g} exceeds 1 (one fault per client-round)")
+        from fedpeft.faults.malformed import KINDS
+
+        if self.malformed_kind not in KINDS:
+            raise ValueError(f"faults.malformed_kind '{self.malformed_kind}' is unknown (known: {', '.join(sorted(KINDS))})")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault or attack is configured."""
+        return bool(self.crash or self.straggle or self.drop or self.malformed or self.byzantine_fraction)
+
+
 class EvalConfig(_Section):
     """Held-out evaluation; for causal-lm, how often and how much to generate."""
 
@@ -274,6 +314,7 @@ class Config(_Section):
     dp: DPConfig = DPConfig()
     codecs: CodecsConfig = CodecsConfig()
     eval: EvalConfig = EvalConfig()
+    faults: FaultsConfig = FaultsConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -287,6 +328,12 @@ class Config(_Section):
                                  "model.kind = 'causal-lm' trains on a response-token loss: use 'hooks'")
             if self.data.label_map:
                 raise ValueError("data.label_map maps class labels: it has no use with model.kind = 'causal-lm'")
+        attacked = self.faults.byzantine_fraction > 0
+        if attacked and self.faults.attack == "label_flip" and self.model.kind != "classifier":
+            raise ValueError("faults.attack = 'label_flip' flips class labels: it needs model.kind = 'classifier'")
+        if attacked and self.faults.attack != "label_flip" and self.codecs.up:
+            raise ValueError(f"faults.attack = '{self.faults.attack}' rewrites dense adapter uploads; "
+                             "codecs.up is set (use label_flip, or dense uploads)")
         return self
 
     @field_validator("name")

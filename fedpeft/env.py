@@ -48,3 +48,19 @@ def quiet_libraries(verbose: bool = False) -> None:
         datasets.logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def pin_client_threads(cpus_per_client: float) -> int:
+    """Give torch in a client worker one intra-op thread per CPU the worker holds; returns the count.
+
+    A worker's torch otherwise keeps the thread count of whenever torch was first imported (Ray
+    sets OMP_NUM_THREADS only once an actor is placed, after the warm-up hook has imported
+    torch), and the thread count changes the order of floating-point sums: pinned, a client's
+    update is the same bits in every worker, which resumed and repeated runs rely on.
+    """
+    import torch
+
+    n = max(1, int(cpus_per_client))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -19,6 +19,8 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
+from fedpeft.reply_screen import reply_limit, screen
+
 ENVELOPE = "_envelope"
 MB = 1024 * 1024  # the unit every byte figure is shown in (`fedpeft simulate`, reports, the budget)
 COLUMNS = ["round", "client_id", "node_id", "direction", "message_type", "record", "bytes"]
@@ -106,7 +108,8 @@ class LedgerRow:
 class CommLedger:
     """Collects ledger rows; `flush` resolves client ids and appends new rows to the CSV file."""
 
-    def __init__(self, path: Path | None, client_of: Callable[[int], int]) -> None:
+    def __init__(self, path: Path | None, client_of: Callable[[int], int], resume: bool = False) -> None:
+        """A new ledger file at `path`; with `resume`, the rows already in it (a resumed run) are taken up."""
         self.path = path
         self.client_of = client_of
         self.round = 0
@@ -114,9 +117,22 @@ class CommLedger:
         self._flushed = 0
         self._largest: dict[tuple[int, str], int] = {}  # (round, direction) -> largest message
         self._lock = threading.Lock()
-        if path is not None:
+        if path is not None and resume:
+            self._take_up(path)
+        elif path is not None:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(COLUMNS)
+
+    def _take_up(self, path: Path) -> None:
+        with path.open(newline="") as f:
+            self.rows = [LedgerRow(int(r["round"]), int(r["client_id"]), int(r["node_id"]), r["direction"],
+                                   r["message_type"], r["record"], int(r["bytes"])) for r in csv.DictReader(f)]
+        self._flushed = len(self.rows)
+        per_message: dict[tuple[int, str, int], int] = defaultdict(int)  # one message per node, round and direction
+        for r in self.rows:
+            per_message[(r.round, r.direction, r.node_id)] += r.bytes
+        for (rnd, direction, _), n in per_message.items():
+            self._largest[(rnd, direction)] = max(self._largest.get((rnd, direction), 0), n)
 
     def charge(self, msg: Message, direction: str, cache: dict[str, int] | None = None) -> int:
         """Record every record of `msg` for the current round; returns the message's bytes.
@@ -180,21 +196,32 @@ class LedgerGrid:
     waiting when `stop` is set, so an interrupted run ends promptly instead of at its timeout.
     """
 
-    def __init__(self, grid, ledger: CommLedger, stop: threading.Event | None = None, poll_s: float = 0.05) -> None:
+    def __init__(self, grid, ledger: CommLedger, stop: threading.Event | None = None, poll_s: float = 0.05,
+                 max_reply_mb: float = 0.0) -> None:
         self._grid = grid
         self.ledger = ledger
         self.stop = stop or threading.Event()
         self.poll_s = poll_s
+        self.max_reply_mb = max_reply_mb
+        self.refused: list = []  # replies screened out as messages (fedpeft.reply_screen.Screened)
+        self.timed_out: list[int] = []  # nodes whose reply had not come when the round timed out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Send `messages`, wait for the replies (or the timeout), and charge both directions."""
+        """Send `messages`, wait for the replies (or the timeout), charge both directions, screen the replies.
+
+        Replies that do not answer this round's messages, repeat one, or are oversized are kept out
+        of the result (charged all the same: they crossed the wire) and listed in `refused`; the
+        nodes still silent at the timeout are listed in `timed_out` (their late replies are never
+        read, nor charged).
+        """
         if self.stop.is_set():
             raise RunInterrupted("stopped before sending")
         messages = list(messages)
         sizes: dict[str, int] = {}  # the round's downloads share their records: each is measured once
-        for m in messages:
-            self.ledger.charge(m, "down", sizes)
-        pending = set(self._grid.push_messages(messages))
+        largest = max((self.ledger.charge(m, "down", sizes) for m in messages), default=0)
+        ids = list(self._grid.push_messages(messages))
+        sent = dict(zip(ids, messages))
+        pending = set(ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
@@ -207,9 +234,14 @@ class LedgerGrid:
                 break
             if pending and not got:
                 time.sleep(self.poll_s)
-        for r in replies:
-            self.ledger.charge(r, "up")
-        return replies
+        self.timed_out = [sent[i].metadata.dst_node_id for i in pending]
+        # Replies in the order their messages were sent, not of arrival: aggregation sums them in
+        # this order, so floating-point results (and the ledger's rows) do not depend on timing.
+        order = {msg_id: i for i, msg_id in enumerate(ids)}
+        replies.sort(key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
+        charged = [self.ledger.charge(r, "up") for r in replies]
+        ok, self.refused = screen(sent, replies, charged, reply_limit(self.max_reply_mb, largest))
+        return ok
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

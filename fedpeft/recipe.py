@@ -12,6 +12,8 @@ from typing import Any
 
 from fedpeft.adapters import build_peft_config
 from fedpeft.config import Config, ConfigError, read_recipe, schema_validate
+from fedpeft.faults.attacks import REWRITING
+from fedpeft.faults.malformed import KINDS
 from fedpeft.privacy import user_level
 from strategies import MethodSpec, method_options, method_spec
 
@@ -33,6 +35,22 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     return validate(read_recipe(path, overrides))
 
 
+def check_faults(cfg: Config, spec: MethodSpec) -> None:
+    """Refuse injected faults and attacks that need adapter tensors from a method whose uploads carry none."""
+    f, name = cfg.faults, f"method.name = '{spec.name}'"
+    why = spec.capabilities.refusal("tensor_uploads")
+    if why and f.byzantine_fraction > 0 and f.attack in REWRITING:
+        raise ConfigError(f"faults.attack = '{f.attack}' rewrites uploaded adapter tensors, but {name} uploads none "
+                          f"({why}); use faults.attack = 'label_flip'")
+    payload = KINDS[f.malformed_kind].payload
+    if f.malformed and ((payload == "dense" and why) or (payload == "scalars" and not why)):
+        what = "adapter tensors" if payload == "dense" else "FedKSeed scalars"
+        raise ConfigError(f"faults.malformed_kind = '{f.malformed_kind}' malforms {what}, which {name} does not upload")
+    if f.malformed and payload == "dense" and cfg.codecs.up:
+        raise ConfigError(f"faults.malformed_kind = '{f.malformed_kind}' malforms dense adapter tensors, but codecs.up "
+                          "sends coded payloads (use a metrics kind such as 'nan_examples')")
+
+
 def check_capabilities(cfg: Config, spec: MethodSpec) -> None:
     """Refuse DP levels, codec directions and merge rules the method does not declare it supports."""
     caps, name = spec.capabilities, f"method.name = '{spec.name}'"
@@ -47,6 +65,7 @@ def check_capabilities(cfg: Config, spec: MethodSpec) -> None:
         if caps.weighted_mean is not True:
             raise ConfigError(f"dp.user.enabled = true needs an aggregate that is the mean of the clipped updates "
                               f"(the noise is calibrated to it), but {name} aggregates by {caps.weighted_mean}")
+    check_faults(cfg, spec)
     for direction in ("up", "down"):
         if getattr(cfg.codecs, direction) and direction not in caps.codecs:
             supported = ", ".join(f"codecs.{d}" for d in caps.codecs) or "no codecs"

@@ -28,6 +28,7 @@ RUN_DIR_KEY = "fedpeft-run-dir"
 RECIPE_KEY = "recipe"
 OVERRIDES_KEY = "overrides"
 NODE_WAIT_KEY = "node-wait-s"
+RESUME_KEY = "fedpeft-resume"  # "1": go on from the run directory's last checkpoint (fedpeft.resume)
 DEFAULT_NODE_WAIT_S = 60.0
 APP_ROOT = Path(__file__).resolve().parents[1]  # the Flower app (FAB) folder: pyproject.toml, simulations/
 

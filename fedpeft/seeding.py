@@ -22,3 +22,8 @@ def rng(run_seed: int, *parts: object) -> np.random.Generator:
 def torch_generator(run_seed: int, *parts: object) -> torch.Generator:
     """A CPU torch generator seeded from `derive_seed`."""
     return torch.Generator().manual_seed(derive_seed(run_seed, *parts))
+
+
+def fixed_width_id(run_seed: int, *parts: object) -> int:
+    """A seeded 64-bit id in [2**62, 2**63): one varint width, so ids never change a message's size."""
+    return (1 << 62) | (derive_seed(run_seed, *parts) & ((1 << 62) - 1))

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -26,8 +27,10 @@ from fedpeft.privacy.sample_level import check_task
 from fedpeft.env import set_offline_env
 from fedpeft.nodes import NodeDirectory
 from fedpeft.rundir import RunDir
+from fedpeft.seeding import fixed_width_id
 from fedpeft.runlog import error_text, origin, run_log, write_traceback
-from fedpeft.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
+from fedpeft.resume import ResumeError, read_checkpoint
+from fedpeft.runconfig import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY, TASK_KEY
 from fedpeft.server import RoundCallback, make_server_app
 from fedpeft.workers import worker_recovery
 
@@ -109,8 +112,13 @@ def simulate(
     on_round: RoundCallback | None = None,
     verbose: bool = False,
     on_start: Callable[[Path], None] | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Run one federated simulation end to end and return its summary.
+
+    With `resume` (a run directory whose run was killed or interrupted), go on from its last
+    completed round with its own config (`cfg` must be that config: `resume_config`), exactly
+    as if it had never stopped.
 
     `on_start` is called with the run directory as soon as it exists. From then on, Flower's and
     Ray's log lines go to `<run dir>/run.log` (and, unless `verbose`, nowhere else), and a run that
@@ -118,20 +126,10 @@ def simulate(
     traceback in run.log.
     """
     set_offline_env()
-    # Prepare data before the run directory exists: a missing file or a bad column fails here
-    # and leaves nothing half-made behind.
-    staging = Path(tempfile.mkdtemp(prefix="fedpeft-task-"))
-    try:
-        task = prepare(cfg, staging)
-        check_task(cfg, [len(p) for p in task.partitions])  # δ and target ε fail before any run dir exists
-        rundir = RunDir.create(cfg)
-        try:
-            shutil.move(str(staging), str(rundir.task_dir))
-        except BaseException as err:
-            _record_failure(rundir, err)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if resume is not None:
+        rundir, task = _reopen(resume)
+    else:
+        rundir, task = _prepare_run(cfg)
     if on_start:
         on_start(rundir.path)
     os.environ.setdefault("FLWR_HOME", str(rundir.path / ".flwr"))
@@ -144,6 +142,8 @@ def simulate(
 
             run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()),
                           RUN_DIR_KEY: str(rundir.path)}
+            if resume is not None:
+                run_config[RESUME_KEY] = "1"
             started_ray = not ray.is_initialized()
             if started_ray:
                 ray.init(**_ray_args(cfg, verbose, _warmup(cfg, rundir, task.num_labels)))
@@ -162,6 +162,54 @@ def simulate(
             _record_failure(rundir, err)
             raise
     return rundir.summary()
+
+
+def _prepare_run(cfg: Config):
+    """A fresh run directory with the prepared task in it."""
+    # Prepare data before the run directory exists: a missing file or a bad column fails here
+    # and leaves nothing half-made behind.
+    staging = Path(tempfile.mkdtemp(prefix="fedpeft-task-"))
+    try:
+        task = prepare(cfg, staging)
+        check_task(cfg, [len(p) for p in task.partitions])  # δ and target ε fail before any run dir exists
+        rundir = RunDir.create(cfg)
+        try:
+            shutil.move(str(staging), str(rundir.task_dir))
+        except BaseException as err:
+            _record_failure(rundir, err)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return rundir, task
+
+
+def resume_config(run_dir: Path) -> Config:
+    """The config a run directory was started with (its config.toml); ResumeError if it cannot be resumed."""
+    from fedpeft.recipe import load
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ResumeError(f"{run_dir} is not a fedpeft run directory (no config.toml)")
+    return load(run_dir / "config.toml")
+
+
+def _reopen(run_dir: Path):
+    """The run directory and prepared task of a run to resume; ResumeError if it cannot be resumed."""
+    from fedpeft.data import open_prepared
+    from fedpeft.rundir import read_status
+
+    rundir = RunDir(Path(run_dir))
+    status = read_status(rundir.path)
+    if status["status"] == "completed":
+        raise ResumeError(f"{rundir.path} completed: there is nothing to resume")
+    if status["status"] == "running":
+        raise ResumeError(f"{rundir.path} is still running (process {status.get('pid')}): stop it first")
+    read_checkpoint(rundir.path)  # fails with the reason before anything starts
+    if not (rundir.task_dir / "task.json").is_file():
+        raise ResumeError(f"{rundir.path} has lost its prepared task ({rundir.task_dir}); start the run again")
+    task = open_prepared(str(rundir.task_dir))
+    rundir.write_status("running", pid=os.getpid(), host=socket.gethostname(), resumed=True)
+    return rundir, task
 
 
 def _record_failure(rundir: RunDir, err: BaseException) -> None:
@@ -188,17 +236,38 @@ def _log_ray_session() -> None:
         pass
 
 
+def register_nodes(num_nodes: int, state_factory, seed: int) -> dict[int, int]:
+    """Register the virtual SuperNodes under ids drawn from the run seed; node id → partition id.
+
+    Flower draws node ids at random, and they sit in every message's metadata, so two runs with
+    the same seed differed in their charged bytes (a varint's width) and in comm.csv. Seeded ids
+    of one fixed width make the same config and seed give byte-identical messages.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    ids = iter([fixed_width_id(seed, "node-id", i) for i in range(num_nodes)])
+    draw = in_memory_linkstate.generate_rand_int_from_bytes
+    # Flower 1.41's create_node draws the id through this module global; only node ids are drawn meanwhile.
+    in_memory_linkstate.generate_rand_int_from_bytes = lambda num_bytes, exclude=None: next(ids)
+    try:
+        mapping = vce_api._register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+    finally:
+        in_memory_linkstate.generate_rand_int_from_bytes = draw
+    if len(mapping) != num_nodes or 0 in mapping:
+        raise RuntimeError(f"registered {len(mapping)} of {num_nodes} virtual nodes (an id collided)")
+    return mapping
+
+
 def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallback | None, verbose: bool) -> None:
     # Flower internals used by flwr.simulation.run_simulation (flwr pinned to 1.41.0).
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
     from flwr.server.superlink.fleet import vce
     from flwr.server.superlink.fleet.vce.metrics import VceMetrics
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import run_serverapp_th
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
     from flwr.supercore.logger import update_console_handler
@@ -213,8 +282,9 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
         update_console_handler(level=logging.DEBUG, timestamps=True, colored=True)
 
     state_factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    # Seeded ids (Flower draws them at random): they sit in every message's metadata.
+    run = Run.create_empty(run_id=fixed_width_id(cfg.sim.seed, "run-id"))
+    run.primary_task_id = fixed_width_id(cfg.sim.seed, "task-id")
     run.federation_id = NOOP_FEDERATION_ID
     run.override_config = dict(run_config)
     TaskIdentity.task_id = 1
@@ -225,7 +295,7 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
     state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
 
     # Register the virtual SuperNodes first: their partition ids become fedpeft client ids.
-    mapping = _register_nodes(num_nodes=cfg.sim.num_clients, state_factory=state_factory)
+    mapping = register_nodes(cfg.sim.num_clients, state_factory, cfg.sim.seed)
     directory = NodeDirectory(mapping)
     grid = InMemoryGrid(state_factory=state_factory)
     grid.set_run(run)

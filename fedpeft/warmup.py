@@ -34,11 +34,12 @@ def setup() -> None:
         import clients.app  # noqa: F401  (torch, transformers, peft, flwr, every method's trainer)
         from fedpeft.config import Config
         from fedpeft.data import open_prepared
-        from fedpeft.env import quiet_libraries
+        from fedpeft.env import pin_client_threads, quiet_libraries
         from fedpeft.models import cached_model
 
         quiet_libraries()
         cfg = Config.from_json(spec["config"])
+        pin_client_threads(cfg.sim.cpus_per_client)
         if Path(spec["task"], "task.json").is_file():
             open_prepared(spec["task"])
         cached_model(cfg, int(spec["num_labels"]))

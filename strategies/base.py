@@ -29,7 +29,7 @@ from fedpeft.nodes import NodeDirectory
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, num_examples, reply_metrics
 from fedpeft.seeding import derive_seed
 from strategies.registry import Capabilities, NoOptions
-from strategies.strategy_utils import check_arrays, check_metrics
+from strategies.strategy_utils import check_arrays, check_metrics, required_replies
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -75,6 +75,8 @@ class AdapterStrategy(FedAvg):
         self.decoded: dict[int, DecodedUpdate] = {}
         self.client_metrics: list[tuple[int, dict]] = []
         self.global_arrays: ArrayRecord | None = None  # what this round's clients start from
+        self.example_limits: dict[int, int] = {}  # client id -> its example count, where the server knows it
+        self.failure: str | None = None  # why the last round failed (sim.min_replies), or None
 
     # ----- what the method changes about models and configs --------------------------------
     @classmethod
@@ -208,19 +210,32 @@ class AdapterStrategy(FedAvg):
 
     # ----- validation ---------------------------------------------------------------------
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The replies that pass validation; the others are recorded as rejections."""
-        valid = []
+        """The replies that pass validation; the others are recorded as rejections.
+
+        Fewer valid replies than `sim.min_replies` asks of the round's sampled clients: the round
+        fails (`self.failure` says why) and nothing is accepted, so the global model is unchanged.
+        """
+        valid, metrics = [], []
         self.decoded = {}
+        self.failure = None
         for msg in replies:
             client = self.directory.client_of(msg.metadata.src_node_id)
             reason = f"client failed: {msg.error.reason}" if msg.has_error() else self.decode(server_round, msg, client)
-            reason = reason or self.check_reply(msg.content)
+            reason = reason or self.check_reply(msg.content, client)
             if reason is None:
                 valid.append(msg)
-                self.client_metrics.append((client, dict(reply_metrics(msg.content))))
+                metrics.append((client, dict(reply_metrics(msg.content))))
                 continue
             self.rejections.append(Rejection(server_round, client, reason))
             log(WARNING, "round %d: rejected reply from client %d: %s", server_round, client, reason)
+        sampled = len(self.sent) or self.cfg.sim.clients_per_round
+        need = required_replies(self.cfg.sim.min_replies, sampled)
+        if len(valid) < need:
+            self.failure = f"{len(valid)} valid replies of {sampled} sampled clients; sim.min_replies needs {need}"
+            log(WARNING, "round %d failed: %s; the global model is unchanged", server_round, self.failure)
+            self.decoded = {}
+            return []
+        self.client_metrics.extend(metrics)
         return valid
 
     def decode(self, server_round: int, msg: Message, client: int) -> str | None:
@@ -243,9 +258,9 @@ class AdapterStrategy(FedAvg):
         """The array records a reply must carry and the (shape, dtype) of every tensor in each."""
         return {ARRAYS: self.template}
 
-    def check_reply(self, content: RecordDict) -> str | None:
-        """Why a reply cannot be aggregated, or None if it is fine."""
-        reason = check_metrics(content)
+    def check_reply(self, content: RecordDict, client: int = -1) -> str | None:
+        """Why client `client`'s reply cannot be aggregated, or None if it is fine."""
+        reason = check_metrics(content, self.example_limits.get(client))
         if reason:
             return reason
         templates = self.reply_templates()

@@ -79,6 +79,7 @@ ZEROTH_ORDER = Capabilities(
     codecs=(),
     codecs_why="its uploads are already seeds and scalars",
     weighted_mean="a per-seed mean of scalars applied by replay",
+    tensor_uploads="its uploads are seeds and scalars",
 )
 
 
@@ -132,9 +133,32 @@ class FedKSeed(AdapterStrategy):
             self.synced[client] = server_round - 1
         return msgs
 
-    def check_reply(self, content: RecordDict) -> str | None:
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every round's aggregate (the history that defines the global model) and what each client has applied."""
+        out = {"history-rounds": np.asarray(len(self.history))}
+        for r, (idx, val) in enumerate(self.history, start=1):
+            out[f"history/{r}/idx"], out[f"history/{r}/val"] = idx, val
+        out["synced-clients"] = np.asarray(sorted(self.synced), dtype=np.int64)
+        out["synced-rounds"] = np.asarray([self.synced[c] for c in sorted(self.synced)], dtype=np.int64)
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Replay the saved history onto the freshly built model, in round order, and rewrite the history file."""
+        self.history = []
+        for r in range(1, int(state["history-rounds"]) + 1):
+            idx = np.asarray(state[f"history/{r}/idx"], dtype=np.int64)
+            val = np.asarray(state[f"history/{r}/val"], dtype=np.float32)
+            replay(self.params, self.pool, zip(idx.tolist(), val.tolist()), self.cfg.train.lr, self.options.direction)
+            self.history.append((idx, val))
+        self.synced = {int(c): int(r) for c, r in zip(state["synced-clients"], state["synced-rounds"])}
+        if self.history_path is not None:
+            with self.history_path.open("w") as f:
+                for r, (idx, val) in enumerate(self.history, start=1):
+                    f.write(json.dumps({"round": r, "idx": idx.tolist(), "val": val.tolist()}) + "\n")
+
+    def check_reply(self, content: RecordDict, client: int = -1) -> str | None:
         """Why a reply cannot be aggregated (bad metrics, missing or malformed scalars), or None."""
-        reason = check_metrics(content)
+        reason = check_metrics(content, self.example_limits.get(client))
         if reason:
             return reason
         if SCALARS_RECORD not in content.config_records or "scalars" not in content[SCALARS_RECORD]:

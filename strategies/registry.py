@@ -33,6 +33,7 @@ class Capabilities:
     # step; else what it is instead. User-level DP noise and `codecs.merge` rules assume a mean.
     weighted_mean: bool | str = True
     client_state: bool = False  # keeps per-client state in the client state store between rounds
+    tensor_uploads: bool | str = True  # replies carry adapter tensors (what tensor attacks and faults rewrite)
 
     def refusal(self, capability: str) -> str | None:
         """Why `capability` is not supported, or None when it is."""

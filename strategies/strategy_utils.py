@@ -20,14 +20,33 @@ def require_adapter(method: str, cfg: Config, adapter_type: str) -> None:
         raise ConfigError(f"method '{method}' needs adapter.type = '{adapter_type}' (got '{cfg.adapter.type}')")
 
 
-def check_metrics(content: RecordDict) -> str | None:
-    """Why a reply's metrics are unusable (missing or invalid example count), or None."""
+MAX_EXAMPLES = 10**9  # no client holds more: a larger count is a forged aggregation weight
+
+
+def check_metrics(content: RecordDict, max_examples: int | None = None) -> str | None:
+    """Why a reply's metrics are unusable (missing, invalid or implausible example count, non-finite values), or None.
+
+    `max_examples` is the client's own example count where the server knows it (simulation).
+    """
     if len(content.metric_records) != 1:
         return f"expected one metric record, got {len(content.metric_records)}"
-    n = reply_metrics(content).get(NUM_EXAMPLES)
+    metrics = reply_metrics(content)
+    n = metrics.get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
         return f"'{NUM_EXAMPLES}' must be a positive finite number, got {n!r}"
+    limit = MAX_EXAMPLES if max_examples is None else max_examples
+    if n > limit:
+        return f"'{NUM_EXAMPLES}' = {n:g} exceeds the client's {limit:,} examples"
+    for name, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return f"metric '{name}' is not finite"
     return None
+
+
+def required_replies(min_replies: float, sampled: int) -> int:
+    """Valid replies a round of `sampled` clients needs: `sim.min_replies` as a count (>= 1) or a fraction (< 1)."""
+    return math.ceil(min_replies * sampled - 1e-9) if min_replies < 1 else int(min_replies)
 
 
 def check_arrays(record: ArrayRecord, template: Template) -> str | None:

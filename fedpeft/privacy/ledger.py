@@ -16,8 +16,10 @@ class PrivacyLedger:
     """Appends one row per (round, DP client) and keeps each client's latest ε."""
 
     def __init__(self, path: Path) -> None:
+        """A ledger appending to `path`; each client's latest ε is taken up from rows already there (a resumed run)."""
         self.path = Path(path)
-        self.latest: dict[int, float] = {}
+        self.latest: dict[int, float] = {
+            r["client_id"]: r["epsilon"] for r in read_ledger(self.path) if r["level"] == "sample"}
 
     def record(self, server_round: int, client_metrics: Iterable[tuple[int, dict[str, Any]]]) -> list[float]:
         """Log the round's DP replies (those carrying `epsilon`); returns their ε values."""

@@ -193,6 +193,17 @@ class UserDPStrategy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.strategy, name)
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The wrapped strategy's state, the releases so far and the (adaptive) clipping bound."""
+        return {**self.strategy.state_dict(), "user-dp/releases": np.asarray(self.releases),
+                "user-dp/clipping-norm": np.asarray(float(self.dp.clipping_norm), dtype=np.float64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `state_dict` returned."""
+        self.strategy.load_state_dict({k: v for k, v in state.items() if not k.startswith("user-dp/")})
+        self.releases = int(state["user-dp/releases"])
+        self.dp.clipping_norm = float(state["user-dp/clipping-norm"])
+
     def summary(self) -> None:
         """Log the DP wrapper's settings and the method."""
         log(INFO, "user-level DP: %r, noise multiplier %.4g, q = %.4g, δ = %g",

@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpeft.budget import describe_stop
+from fedpeft.round_outcome import describe_stop
 from fedpeft.ledger import ENVELOPE, MB
 from fedpeft.report.load import Run
 from fedpeft.scores import EXACT_MATCH, metric_label

@@ -1,0 +1,53 @@
+"""The ClientApp's part of fault injection: a mod that crashes, delays or corrupts a client as the plan says.
+
+The plan (`fedpeft.faults.FaultPlan`) is drawn from (run seed, round, client), so a deployed
+SuperNode injects exactly what a simulated client does, and the server knows what was injected.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from clients.runtime import client_id, runtime
+from fedpeft.faults import FaultPlan
+from fedpeft.faults.malformed import applies, corrupt
+from fedpeft.faults.plan import CRASH, MALFORMED, STRAGGLE
+from fedpeft.records import CONFIG, SERVER_ROUND
+
+LABEL_FLIP_KEY = "fedpeft-label-flip"  # set in the config record a Byzantine label-flipping client trains from
+
+
+class InjectedFault(RuntimeError):
+    """A crash the fault plan injected (the server sees it as a failed client, marked injected)."""
+
+
+def label_flipped(msg: Message) -> bool:
+    """Whether this train message asks the client to train on flipped labels."""
+    return bool(msg.content[CONFIG].get(LABEL_FLIP_KEY, False)) if CONFIG in msg.content.config_records else False
+
+
+def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Inject this client's planned fault for this round (none unless `[faults]` asks for some)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    cfg = runtime(context).cfg
+    if not cfg.faults.active:
+        return call_next(msg, context)
+    cid, server_round = client_id(context), int(msg.content[CONFIG][SERVER_ROUND])
+    plan = FaultPlan(cfg.faults, cfg.sim.seed, cfg.sim.num_clients)
+    fault = plan.fault(server_round, cid)
+    if fault is not None and fault.kind == CRASH:
+        raise InjectedFault(f"{fault.reason()}: client {cid}, round {server_round}")
+    if fault is not None and fault.kind == STRAGGLE:
+        time.sleep(cfg.faults.straggle_s)
+    if cfg.faults.attack == "label_flip" and plan.is_byzantine(cid):
+        content = RecordDict(dict(msg.content.items()))
+        content[CONFIG] = ConfigRecord({**dict(msg.content[CONFIG]), LABEL_FLIP_KEY: True})
+        msg.content = content
+    reply = call_next(msg, context)
+    if fault is not None and fault.kind == MALFORMED and not reply.has_error() and applies(fault.detail, reply.content):
+        reply.content = corrupt(fault.detail, reply.content)
+    return reply
