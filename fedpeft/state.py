@@ -40,8 +40,8 @@ class ClientStateStore:
 
     def load(self, client_id: int) -> dict[str, Any]:
         """The client's saved state, or {} if it has none yet."""
-        p = self.path(client_id)
-        if not p.is_file():
+        p = self._readable(self.path(client_id))
+        if p is None:
             return {}
         state = json.loads(p.read_text())
         state.pop(ROUND_KEY, None)
@@ -66,8 +66,8 @@ class ClientStateStore:
 
     def load_arrays(self, client_id: int, name: str) -> dict[str, np.ndarray]:
         """The client's saved tensor set `name` (e.g. "residual"), or {} if it has none yet."""
-        p = self.array_path(client_id, name)
-        if not p.is_file():
+        p = self._readable(self.array_path(client_id, name))
+        if p is None:
             return {}
         with np.load(p, allow_pickle=False) as data:
             return {k: data[k] for k in data.files if k != ROUND_KEY}
@@ -92,6 +92,22 @@ class ClientStateStore:
         return sorted(int(p.stem.split("-", 1)[1]) for p in self.root.glob("client-*.json") if PREV not in p.name)
 
     # ----- versions -------------------------------------------------------------------------
+    def _readable(self, target: Path) -> Path | None:
+        """The version a client of `server_round` starts from: the newest written before this round.
+
+        A client retried in the same round (its worker died) must not start from what its first
+        attempt already wrote.
+        """
+        if not target.is_file():
+            return None
+        if self.server_round is None:
+            return target
+        written = _round_of(target)
+        if written is None or written < self.server_round:
+            return target
+        prev = _prev(target)
+        return prev if prev.is_file() and (_round_of(prev) or 0) < self.server_round else None
+
     def _keep_previous(self, target: Path) -> None:
         # The file about to be replaced was written in an earlier round: keep it until this one commits.
         if self.server_round is None or not target.is_file():

@@ -157,3 +157,14 @@ def test_a_run_that_cannot_be_resumed_says_why(tmp_path):
         resume_config(tmp_path)
     with pytest.raises(ResumeError, match="no resume.npz"):
         read_checkpoint(tmp_path)
+
+
+def test_a_client_retried_in_the_same_round_starts_from_the_state_before_it(tmp_path):
+    ClientStateStore(tmp_path, server_round=3).save(4, {"eps": 1.0})
+    first_attempt = ClientStateStore(tmp_path, server_round=6)
+    assert first_attempt.load(4) == {"eps": 1.0}
+    first_attempt.save(4, {"eps": 2.0})  # then its worker died before the reply left
+    retry = ClientStateStore(tmp_path, server_round=6)
+    assert retry.load(4) == {"eps": 1.0}  # not the half-finished attempt's
+    retry.save(4, {"eps": 2.0})
+    assert ClientStateStore(tmp_path, server_round=7).load(4) == {"eps": 2.0}
