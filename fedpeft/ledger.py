@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
 from fedpeft.reply_screen import reply_limit, screen
@@ -239,7 +240,8 @@ class LedgerGrid:
         # this order, so floating-point results (and the ledger's rows) do not depend on timing.
         order = {msg_id: i for i, msg_id in enumerate(ids)}
         replies.sort(key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
-        charged = [self.ledger.charge(r, "up") for r in replies]
+        # The SuperLink's own error replies (a node it finds unavailable) never crossed a SuperNode's link.
+        charged = [0 if r.metadata.src_node_id == SUPERLINK_NODE_ID else self.ledger.charge(r, "up") for r in replies]
         ok, self.refused = screen(sent, replies, charged, reply_limit(self.max_reply_mb, largest))
         return ok
 

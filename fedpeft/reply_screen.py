@@ -3,7 +3,8 @@
 A reply is only worth decoding if it answers a message this round sent, comes from the node that
 message went to, is the first answer to it, belongs to this round, and is not absurdly large.
 Flower's links already refuse most such replies; this screen makes the server's own guarantee
-independent of the transport (and of a SuperNode that is not what it claims).
+independent of the transport (and of a SuperNode that is not what it claims). An error reply from
+the SuperLink itself (it answers so for a node whose heartbeats stopped) is that node's failure.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 MIB = 1 << 20  # fedpeft.ledger.MB (the ledger imports this module)
 
@@ -42,6 +44,11 @@ def screen(sent: dict[str, Message], replies: list[Message], sizes: list[int], l
         reason = None
         if original is None:
             reason = f"reply to message {md.reply_to_message_id!r}, which this round did not send (another round's, or none)"
+        elif md.src_node_id == SUPERLINK_NODE_ID and reply.has_error():
+            # The SuperLink answers for a node whose heartbeats stopped (e.g. a killed SuperNode): that node failed.
+            answered.add(md.reply_to_message_id)
+            refused.append(Screened(original.metadata.dst_node_id, f"node unavailable ({reply.error.reason})"))
+            continue
         elif md.src_node_id != original.metadata.dst_node_id:
             reason = f"reply from node {md.src_node_id} to a message sent to node {original.metadata.dst_node_id}"
         elif md.reply_to_message_id in answered:

@@ -22,7 +22,7 @@ from fedpeft.evaluation import Evaluator
 from fedpeft.faults.server_side import ServerFaults
 from fedpeft.ledger import CommLedger, LedgerGrid, message_bytes
 from fedpeft.models import build_model, device_for
-from fedpeft.nodes import NodeDirectory, discover
+from fedpeft.nodes import NodeDirectory, discover, rediscover
 from fedpeft.privacy.ledger import PrivacyLedger, epsilon_stats
 from fedpeft.records import TRAIN_SECONDS
 from fedpeft.runconfig import (
@@ -127,6 +127,8 @@ def run_server(
     for rnd in range(rows[-1]["round"] + 1, cfg.sim.rounds + 1):
         t0 = time.perf_counter()
         ledger.round = rnd
+        if not simulated:  # a SuperNode that joined or came back since: ask its client id (charged to this round)
+            rediscover(lgrid, directory, cfg.sim.round_timeout_s)
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), lgrid))
         if (stopped := check_round(cfg.sim.comm_budget_mb, rnd, ledger, msgs)) is not None:
             break

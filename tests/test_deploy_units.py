@@ -146,3 +146,18 @@ def test_client_runtime_trains_on_the_node_config_data_file(tmp_path, monkeypatc
     assert rt.task.client_dataset(2)["label"] == [0, 1] * 3 and rt.cfg.sim.num_clients == cfg.sim.num_clients
     sim_ctx = Context(run_id=7, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config=run_config)
     assert len(runtime(sim_ctx).task.client_dataset(2)) != 6  # without data-file: the simulation partition
+
+
+def test_node_directory_takes_a_restarted_node_under_its_new_id():
+    from fedpeft.nodes import NodeDirectory
+
+    d = NodeDirectory({11: 0, 12: 1, 13: 2})
+    assert d.unknown([13, 12, 11]) == []
+    # Client 2's SuperNode died (node 13, still listed online) and came back as node 20; node 21 is new.
+    assert d.unknown([11, 12, 13, 20, 21, 22]) == [20, 21, 22]
+    assert d.update({20: 2, 21: 3}) == [13]
+    assert d.node_to_client == {11: 0, 12: 1, 20: 2, 21: 3} and d.client_to_node[2] == 20
+    assert d.client_of(13) == 2 and d.client_of(22) == -1  # a replaced id keeps its client for the ledger
+    assert d.unknown([11, 12, 13, 20, 21, 22]) == [22]  # 22 did not answer: asked again; dead 13 never
+    assert d.sample(0, 1, 4, [11, 12, 13, 20, 21]) == [11, 12, 20, 21]  # the dead id is never sampled
+    assert d.sample(0, 1, 4, [11, 13, 20]) == [11, 20]  # fewer online than wanted: all online known nodes

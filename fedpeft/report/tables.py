@@ -142,8 +142,9 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         if rec.record == ENVELOPE:
             messages[rec.direction] += 1
             c[f"msg_{rec.direction}"] += 1
-            # Round 0 holds only node discovery (under `flwr run`), not training replies.
-            if rec.direction == "up" and rec.round >= 1:
+            # Node discovery (QUERY messages: round 0 under `flwr run`, and later rounds that a node
+            # joined or came back in) is not training.
+            if rec.direction == "up" and rec.round >= 1 and rec.message_type != "query":
                 participations += 1
 
     metric = run.primary_metric
