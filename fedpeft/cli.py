@@ -47,7 +47,8 @@ def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool,
         progress.update(task, completed=row["round"], status=line.update(row))
 
     try:
-        return run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=started, resume=resume), None
+        extra = {"resume": resume} if resume is not None else {}
+        return run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=started, **extra), None
     except BaseException as err:  # reported by the caller, once the progress display has stopped
         return None, err
 
