@@ -155,23 +155,46 @@ def _workers(marker: str) -> list[int]:
     return found
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU ticks a process (all its threads) has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _sleeping_in_a_client(pid: int, metrics: Path) -> bool:
+    """Whether round 1 has begun and the worker has sat idle for 0.6 s (a straggling client's sleep)."""
+    if not metrics.exists() or time.time() - metrics.stat().st_mtime < 1.5:
+        return False
+    ticks = _cpu_ticks(pid)
+    time.sleep(0.6)
+    return _cpu_ticks(pid) == ticks
+
+
 def test_a_dead_worker_is_logged_to_run_log_not_over_the_progress_display(tmp_path):
     marker = f"fedpeft-{uuid.uuid4()}"
     out = tmp_path / "runs"
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), COLUMNS="200", FEDPEFT_TEST_MARKER=marker)
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", str(SMOKE), "--set", f'output.dir="{out}"']
-    # One Ray worker, killed once it is up: the client it was running (or was sent next) fails, naming it;
-    # fedpeft.workers replaces it, so round 2 has every reply (Flower's pool alone kept the dead actor).
-    for s in [*TINY_RUN, "sim.rounds=2", "data.builtin.num_train=200", "data.builtin.num_test=60"]:
+    # One Ray worker, killed while it runs a client: every client straggles 4 s, and the worker is killed once
+    # round 0's row is written and the worker sits idle (a worker killed while still starting takes no client
+    # with it, which proves nothing). The client fails, naming the error; fedpeft.workers replaces the worker,
+    # so round 2 has every reply (Flower's pool alone kept the dead actor).
+    sets = [*TINY_RUN, "sim.rounds=2", "data.builtin.num_train=200", "data.builtin.num_test=60",
+            "faults.straggle=1.0", "faults.straggle_s=4"]
+    for s in sets:
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.monotonic() + 300
     while proc.poll() is None and killed is None and time.monotonic() < deadline:
         pids = _workers(marker)
-        if pids:
-            killed = pids[0]
-            os.kill(killed, 9)  # one of the run's own Ray workers, by PID
+        metrics = next(out.glob("*/metrics.jsonl"), None) if out.exists() else None
+        try:
+            if pids and metrics is not None and _sleeping_in_a_client(pids[0], metrics):
+                killed = pids[0]
+                os.kill(killed, 9)  # one of the run's own Ray workers, by PID
+        except FileNotFoundError:  # the worker exited between the listing and the read
+            pass
         time.sleep(0.2)
     stdout, stderr = proc.communicate(timeout=300)
     screen = stdout + stderr
