@@ -116,6 +116,7 @@ def test_fedkseed_on_a_causal_lm_keeps_the_busiest_client_under_18_kb_per_round(
     assert sorted(busiest) == [1, 2] and max(busiest.values()) <= 18_000, busiest
 
 
+@pytest.mark.slow
 def test_alpaca_jsonl_through_the_cli_with_dp_sgd_reports_epsilon_and_moves_the_adapter(tmp_path):
     ds = generate(400, seed=6, categories=["sentiment", "antonym", "plural"])
     rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in ds]
@@ -138,6 +139,7 @@ def test_alpaca_jsonl_through_the_cli_with_dp_sgd_reports_epsilon_and_moves_the_
     assert moved, "DP-SGD left every LoRA B matrix at its initial value"
 
 
+@pytest.mark.slow
 def test_deploy_runs_a_causal_lm_on_real_supernodes(tmp_path):
     from fedpeft.deploy.run import deploy_recipe
 

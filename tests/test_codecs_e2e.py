@@ -8,13 +8,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Message, MessageType, RecordDict
 
 from fedpeft.adapters import adapter_state
 from fedpeft.codecs.endpoints import CODEC_RECORD, payload_record
-from fedpeft.recipe import load
 from fedpeft.ledger import record_bytes
 from fedpeft.models import build_model
+from fedpeft.recipe import load
 from fedpeft.simulation import simulate
 from fedpeft.state import STATE_DIR, ClientStateStore
 from strategies import get_strategy_class
@@ -66,6 +67,7 @@ def test_coded_run_charges_exactly_the_packed_bytes_and_keeps_residuals(tmp_path
     assert any(np.abs(v).max() > 0 for v in residual.values())
 
 
+@pytest.mark.slow
 def test_coded_uploads_work_with_heterogeneous_ranks(tmp_path):
     """HetLoRA clients send rank-r slices through the codec chain; the server decodes each against its tier."""
     cfg = load(ROOT / "simulations" / "smoke.toml", [

@@ -100,6 +100,7 @@ def test_deployed_run_matches_the_simulation(secure_run, tmp_path):
     assert arrays_bytes(secure_run.run_dir) == arrays_bytes(Path(sim["run_dir"]))
 
 
+@pytest.mark.slow
 def test_wire_bytes_match_the_ledger_within_2_percent(tmp_path):
     """TLS off, SuperNodes dial a counting relay: message objects on the wire vs the ledger."""
     res = deploy_recipe(SMOKE, TINY, tmp_path, tls=False, auth=False, relay=True, timeout=600)

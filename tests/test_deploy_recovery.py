@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from fedpeft.deploy.local import LocalDeployment
 from fedpeft.deploy.processes import pid_alive
 from fedpeft.deploy.run import app_dir
@@ -50,6 +52,7 @@ def _kill(dep: LocalDeployment, pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_killed_supernode_fails_its_round_and_is_sampled_again_after_it_comes_back(tmp_path):
     base = tmp_path.resolve()
     runs = base / "runs"

@@ -295,6 +295,7 @@ def test_scaffold_run_charges_the_variates_both_ways_and_keeps_them_per_client(t
     assert out["summary"]["rejected"] == 0 and np.isfinite(out["metrics"][-1]["loss"])
 
 
+@pytest.mark.slow
 def test_fedadam_run_with_coded_uploads_moves_the_global_adapter(tmp_path):
     out = _run(tmp_path, "fedadam", 'codecs.up=["delta","int8"]', "output.checkpoint_every=1")
     assert out["summary"]["rejected"] == 0

@@ -134,7 +134,7 @@ def test_a_reply_of_the_wrong_rank_is_rejected():
     assert "rank-2 reply" in rej.reason
 
 
-@pytest.mark.parametrize("method", ["flexlora", "hetlora"])
+@pytest.mark.parametrize("method", ["flexlora", pytest.param("hetlora", marks=pytest.mark.slow)])
 def test_heterogeneous_rank_run_completes_and_upload_bytes_scale_with_rank(tmp_path, method):
     cfg = load(SMOKE, [f'method.name="{method}"', "method.rank_tiers={2 = 0.4, 4 = 0.3, 8 = 0.3}",
                        "sim.rounds=2", f'output.dir="{tmp_path}"'])

@@ -149,16 +149,21 @@ def test_missing_label_is_named_with_its_row(tmp_path):
 # Each file type once, each label type at least once, both column namings, with and without a
 # test split; the first cell is the shape a new user has most often: `text,label` with string
 # class names and no test file.
+# Two cells in the default run (a CSV and a JSONL with string class names: the usual user files); the
+# other formats run their whole CLI path under `-m slow` (each is also loaded in-process by CELLS above).
 CLI_CELLS = [
-    ("csv", "string", "same", False),
-    ("tsv", "int", "other", True),
-    ("jsonl", "string", "other", False),
-    ("parquet", "classlabel", "same", True),
-    ("disk", "classlabel", "other", False),
+    pytest.param(*c, id="-".join(map(str, c)), marks=[pytest.mark.slow] if slow else [])
+    for *c, slow in [
+        ("csv", "string", "same", False, False),
+        ("tsv", "int", "other", True, True),
+        ("jsonl", "string", "other", False, False),
+        ("parquet", "classlabel", "same", True, True),
+        ("disk", "classlabel", "other", False, True),
+    ]
 ]
 
 
-@pytest.mark.parametrize("fmt,kind,naming,split", CLI_CELLS, ids=["-".join(map(str, c)) for c in CLI_CELLS])
+@pytest.mark.parametrize("fmt,kind,naming,split", CLI_CELLS)
 def test_cli_runs_a_user_file_to_the_end(tmp_path, ray_session, fmt, kind, naming, split):
     from typer.testing import CliRunner
 

@@ -210,6 +210,7 @@ def test_shipped_recipes_load(name):
 
 
 # ----- end to end -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_multi_krum_run_with_coded_uploads_completes_and_charges_bytes(tmp_path):
     # One Ray worker: starting a second one costs more than the five 2-step clients it would share.
     cfg = load(SMOKE, ['method.name="multi-krum"', "method.f=1", "sim.num_clients=6", "sim.clients_per_round=5",

@@ -12,9 +12,10 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+from conftest import SMOKE, TINY_RUN
 from typer.testing import CliRunner
 
-from conftest import SMOKE, TINY_RUN
 from fedpeft.cli import app
 from fedpeft.rundir import RunDir, describe_status, read_status
 
@@ -170,6 +171,7 @@ def _sleeping_in_a_client(pid: int, metrics: Path) -> bool:
     return _cpu_ticks(pid) == ticks
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_logged_to_run_log_not_over_the_progress_display(tmp_path):
     marker = f"fedpeft-{uuid.uuid4()}"
     out = tmp_path / "runs"
