@@ -32,7 +32,8 @@ from fedpeft.runlog import error_text, origin, run_log, write_traceback
 from fedpeft.resume import ResumeError, read_checkpoint
 from fedpeft.runconfig import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY, TASK_KEY
 from fedpeft.server import RoundCallback, make_server_app
-from fedpeft.workers import worker_recovery
+from fedpeft.warmup import WarmupSpec
+from fedpeft.workers import start_actors, worker_recovery
 
 
 def _write_app_descriptor(run_dir: Path, run_config: dict) -> Path:
@@ -71,8 +72,7 @@ def ray_init_args(cfg: Config, verbose: bool) -> dict[str, Any]:
 def _ray_args(cfg: Config, verbose: bool, warmup: Path | None = None) -> dict[str, Any]:
     """`ray.init` arguments: attach to `sim.ray_address` when set, else start a local Ray sized for the run.
 
-    A local Ray gets the worker warm-up hook (`fedpeft.warmup`): workers load the client stack
-    and the model while the server prepares round 0.
+    A local Ray gets the worker warm-up hook (`fedpeft.warmup`), reading its spec from `warmup`.
     """
     if cfg.sim.ray_address:
         from fedpeft.cluster import ray_connect_args
@@ -86,13 +86,34 @@ def _ray_args(cfg: Config, verbose: bool, warmup: Path | None = None) -> dict[st
     return args
 
 
-def _warmup(cfg: Config, rundir: RunDir, num_labels: int) -> Path | None:
-    """The warm-up spec for local workers (none on a cluster: its workers may not see this path)."""
-    if cfg.sim.ray_address:
-        return None
-    from fedpeft.warmup import write_spec
+def _client_resources(cfg: Config) -> dict[str, float]:
+    return {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": cfg.sim.gpus_per_client}
 
-    return write_spec(rundir.path / ".warmup.json", cfg.to_json(), str(rundir.task_dir.resolve()), num_labels)
+
+def _start_ray(cfg: Config, verbose: bool, spec: WarmupSpec | None) -> tuple[Path, list]:
+    """Start (or attach to) Ray before the task is prepared; a local Ray's client workers start at once.
+
+    Returns the start-up log (Ray's log lines from its start; the caller moves them into run.log
+    once the run directory exists) and the client actors started early (`fedpeft.workers`): their
+    workers import the client stack while the driver prepares the task.
+    """
+    import ray
+
+    boot_log = Path(tempfile.mkdtemp(prefix="fedpeft-ray-start-")) / "run.log"
+    with run_log(boot_log, verbose):
+        ray.init(**_ray_args(cfg, verbose, spec.path if spec else None))
+        _log_ray_session()
+    return boot_log, (start_actors(_client_resources(cfg)) if spec is not None else [])
+
+
+def _carry_log(boot_log: Path, log_file: Path) -> None:
+    """Put the start-up log at the head of run.log."""
+    try:
+        text = boot_log.read_text(encoding="utf-8")
+        with log_file.open("a", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError:  # informational only
+        pass
 
 
 def _attach_cluster(cfg: Config, rundir: RunDir, run_config: dict):
@@ -126,42 +147,56 @@ def simulate(
     traceback in run.log.
     """
     set_offline_env()
-    if resume is not None:
-        rundir, task = _reopen(resume)
-    else:
-        rundir, task = _prepare_run(cfg)
-    if on_start:
-        on_start(rundir.path)
-    os.environ.setdefault("FLWR_HOME", str(rundir.path / ".flwr"))
-
     import ray  # before run_log: importing Ray installs its console handler, which run_log then holds back
 
-    with run_log(rundir.log_file, verbose):
-        try:
-            from clients.app import app as client_app
-
-            run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()),
-                          RUN_DIR_KEY: str(rundir.path)}
-            if resume is not None:
-                run_config[RESUME_KEY] = "1"
-            started_ray = not ray.is_initialized()
-            if started_ray:
-                ray.init(**_ray_args(cfg, verbose, _warmup(cfg, rundir, task.num_labels)))
-            _log_ray_session()
+    # Ray and its client workers start first: the workers import torch, transformers and peft while
+    # the driver prepares the task (on few cores that import was most of the first round).
+    own_ray = not ray.is_initialized()
+    spec = WarmupSpec() if own_ray and not cfg.sim.ray_address else None
+    boot_log, actors = _start_ray(cfg, verbose, spec) if own_ray else (None, [])
+    try:
+        rundir, task = _reopen(resume) if resume is not None else _prepare_run(cfg)
+        if boot_log is not None:
+            _carry_log(boot_log, rundir.log_file)
+        if spec is not None:
+            spec.write(cfg.to_json(), str(rundir.task_dir.resolve()), task.num_labels)
+        if on_start:
+            on_start(rundir.path)
+        os.environ.setdefault("FLWR_HOME", str(rundir.path / ".flwr"))
+        with run_log(rundir.log_file, verbose):
             try:
-                cluster = _attach_cluster(cfg, rundir, run_config)
-                with fast_dispatch():  # one scan of pending messages per tick, not one per node (fedpeft.dispatch)
-                    _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose)
+                _run(cfg, rundir, on_round, verbose, resume, actors)
+            except KeyboardInterrupt:
+                rundir.write_status("interrupted")
+                raise
+            except BaseException as err:
+                _record_failure(rundir, err)
+                raise
             finally:
-                if started_ray:
+                if own_ray:
                     ray.shutdown()  # on a cluster this only disconnects the driver (Flower's backend also does)
-        except KeyboardInterrupt:
-            rundir.write_status("interrupted")
-            raise
-        except BaseException as err:
-            _record_failure(rundir, err)
-            raise
+                    own_ray = False
+    finally:
+        if own_ray:  # the task could not be prepared: Ray stops before the error is reported
+            ray.shutdown()
+        if spec is not None:
+            spec.remove()
+        if boot_log is not None:
+            shutil.rmtree(boot_log.parent, ignore_errors=True)
     return rundir.summary()
+
+
+def _run(cfg: Config, rundir: RunDir, on_round: RoundCallback | None, verbose: bool, resume: Path | None,
+         actors: list) -> None:
+    """Run the engine over a prepared run directory (Ray is up; `actors` are client actors started early)."""
+    from clients.app import app as client_app
+
+    run_config = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir.resolve()), RUN_DIR_KEY: str(rundir.path)}
+    if resume is not None:
+        run_config[RESUME_KEY] = "1"
+    cluster = _attach_cluster(cfg, rundir, run_config)
+    with fast_dispatch():  # one scan of pending messages per tick, not one per node (fedpeft.dispatch)
+        _run_engine(cfg, run_config, client_app, cluster.wrap(on_round) if cluster else on_round, verbose, actors)
 
 
 def _prepare_run(cfg: Config):
@@ -259,7 +294,8 @@ def register_nodes(num_nodes: int, state_factory, seed: int) -> dict[int, int]:
     return mapping
 
 
-def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallback | None, verbose: bool) -> None:
+def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallback | None, verbose: bool,
+                actors: list) -> None:
     # Flower internals used by flwr.simulation.run_simulation (flwr pinned to 1.41.0).
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -316,7 +352,7 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
         ctx_queue=Queue(),
     )
     backend_config = {
-        "client_resources": {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": cfg.sim.gpus_per_client},
+        "client_resources": _client_resources(cfg),
         "init_args": {},
         "actor": {"tensorflow": 0},
     }
@@ -334,7 +370,7 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     try:
-        with worker_recovery(cfg.sim.client_retries):  # a dead Ray worker is replaced (fedpeft.workers)
+        with worker_recovery(cfg.sim.client_retries, actors):  # a dead Ray worker is replaced (fedpeft.workers)
             vce.start_vce(
                 backend_name="ray",
                 backend_config_json_stream=json.dumps(backend_config),

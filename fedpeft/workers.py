@@ -21,6 +21,12 @@ idle list `pool`, `create_actor_fn`, `_future_to_actor`) as they are in flwr 1.4
 pyproject.toml: if Flower's backend module or those pool methods are not there, the patch is not
 installed and Flower's behaviour is left as it is, with a warning in run.log.
 
+`start_actors()` creates the pool's actors right after Ray starts, exactly as the pool would
+(`ClientAppActor` with the client resources, as many as the cluster holds); the backend's `build`
+adopts them instead of creating its own. Ray starts a worker process for an actor only when the
+actor is created, so the workers' start and warm-up (`fedpeft.warmup`) then run while the driver
+prepares the task, not in round 1.
+
 The server reads the counts of each round (`workers_replaced`, `client_retries`) with
 `round_counts()`; a dead worker is only noticed by the message that ran on it, before that
 message's reply is stored, so the counts belong to the round that received that reply.
@@ -89,12 +95,42 @@ def _describe(actor: Any, err: BaseException) -> str:
     return f"actor {actor_id}, pid {m.group(1) if m else '?'}"
 
 
-def recovering_backend(base: type, recovery: WorkerRecovery) -> type:
-    """A subclass of Flower's `RayBackend` (`base`) that replaces dead actors and retries per `recovery`."""
+def start_actors(client_resources: dict[str, float]) -> list[Any]:
+    """Create the client actors Flower's pool would create for these resources, now (none if it cannot adopt them)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.simulation.ray_transport.ray_actor import ClientAppActor, pool_size_from_resources
+
+    if not _patchable(raybackend):
+        return []
+    return [ClientAppActor.options(**client_resources).remote() for _ in range(pool_size_from_resources(client_resources))]
+
+
+def recovering_backend(base: type, recovery: WorkerRecovery, actors: list[Any] | None = None) -> type:
+    """A subclass of Flower's `RayBackend` (`base`) that replaces dead actors and retries per `recovery`.
+
+    Its pool starts with `actors` (from `start_actors`), topped up to the pool's capacity.
+    """
     lost_errors = _lost_worker_errors()
+    early = list(actors or [])
 
     class RecoveringRayBackend(base):  # type: ignore[valid-type, misc]
         """Flower's RayBackend whose `process_message` replaces a dead actor instead of re-pooling it."""
+
+        def build(self, app_fn: Any) -> None:
+            """Build the actor pool from the actors started early, as Flower builds it otherwise."""
+            if not early:
+                return super().build(app_fn)
+            from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+            self.pool = BasicActorPool(
+                actor_type=ClientAppActor, client_resources=self.client_resources, actor_kwargs=self.actor_kwargs
+            )
+            adopted = early[: self.pool.actors_capacity]
+            self.pool.pool.extend(adopted)
+            self.pool.num_actors += len(adopted)
+            self.pool.add_actors_to_pool(self.pool.actors_capacity - len(adopted))
+            early.clear()
+            self.app_fn = app_fn
 
         def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
             """Run the ClientApp on an idle actor; a lost actor is replaced, the client retried if allowed."""
@@ -143,15 +179,18 @@ def _patchable(raybackend: Any) -> bool:
 
 
 @contextmanager
-def worker_recovery(retries: int = 0) -> Iterator[WorkerRecovery]:
-    """Replace dead Ray client workers (retrying their client up to `retries` times) while the block runs."""
+def worker_recovery(retries: int = 0, actors: list[Any] | None = None) -> Iterator[WorkerRecovery]:
+    """Replace dead Ray client workers (retrying their client up to `retries` times) while the block runs.
+
+    `actors` (from `start_actors`) become the pool's first actors.
+    """
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     recovery = WorkerRecovery(retries)
     original = raybackend.RayBackend
     installed = _patchable(raybackend)
     if installed:
-        raybackend.RayBackend = recovering_backend(original, recovery)
+        raybackend.RayBackend = recovering_backend(original, recovery, actors)
     else:
         log.warning("worker recovery is off: Flower's Ray backend is not the one it was written for (flwr 1.41)")
     _ACTIVE.append(recovery)

@@ -24,7 +24,7 @@ from fedpeft.rundir import RunDir, read_status
 
 CLIENTS = 3
 RUN = [f"sim.num_clients={CLIENTS}", f"sim.clients_per_round={CLIENTS}", "sim.rounds=2", "sim.num_cpus=1",
-       "sim.client_retries=1", "train.local_steps=8", "train.batch_size=8", "output.checkpoint_every=0",
+       "sim.client_retries=1", "train.local_steps=30", "train.batch_size=8", "output.checkpoint_every=0",
        "sim.eval_batch_size=32", "data.builtin.num_train=180", "data.builtin.num_test=60"]
 BUSY_TICKS = 10  # CPU clock ticks (0.1 s at 100 Hz) the worker spends on round 1 before it is killed
 
