@@ -32,8 +32,9 @@ from fedpeft.runlog import error_text, origin, run_log, write_traceback
 from fedpeft.resume import ResumeError, read_checkpoint
 from fedpeft.runconfig import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY, TASK_KEY
 from fedpeft.server import RoundCallback, make_server_app
+from fedpeft.ray_session import carry_log, client_resources, start_ray, stop_ray
 from fedpeft.warmup import WarmupSpec
-from fedpeft.workers import start_actors, worker_recovery
+from fedpeft.workers import worker_recovery
 
 
 def _write_app_descriptor(run_dir: Path, run_config: dict) -> Path:
@@ -49,71 +50,6 @@ def _write_app_descriptor(run_dir: Path, run_config: dict) -> Path:
         f"[tool.flwr.app.config]\n{keys}\n"
     )
     return app_dir
-
-
-def ray_init_args(cfg: Config, verbose: bool) -> dict[str, Any]:
-    """Arguments for `ray.init` sized for this run.
-
-    Workers' own output stays in Ray's session folder unless `verbose` (`log_to_driver`); the
-    driver's Ray log lines go to run.log (see `fedpeft.runlog`).
-    """
-    args: dict[str, Any] = {
-        "include_dashboard": False,
-        "object_store_memory": cfg.sim.object_store_mb * 1024 * 1024,
-        "log_to_driver": verbose,
-        "logging_level": "INFO" if verbose else "WARNING",
-        "configure_logging": True,
-    }
-    if cfg.sim.num_cpus:
-        args["num_cpus"] = cfg.sim.num_cpus
-    return args
-
-
-def _ray_args(cfg: Config, verbose: bool, warmup: Path | None = None) -> dict[str, Any]:
-    """`ray.init` arguments: attach to `sim.ray_address` when set, else start a local Ray sized for the run.
-
-    A local Ray gets the worker warm-up hook (`fedpeft.warmup`), reading its spec from `warmup`.
-    """
-    if cfg.sim.ray_address:
-        from fedpeft.cluster import ray_connect_args
-
-        return ray_connect_args(cfg.sim.ray_address, verbose)
-    args = ray_init_args(cfg, verbose)
-    if warmup is not None:
-        from fedpeft.warmup import ENV_KEY
-
-        args["runtime_env"] = {"worker_process_setup_hook": "fedpeft.warmup.setup", "env_vars": {ENV_KEY: str(warmup)}}
-    return args
-
-
-def _client_resources(cfg: Config) -> dict[str, float]:
-    return {"num_cpus": cfg.sim.cpus_per_client, "num_gpus": cfg.sim.gpus_per_client}
-
-
-def _start_ray(cfg: Config, verbose: bool, spec: WarmupSpec | None) -> tuple[Path, list]:
-    """Start (or attach to) Ray before the task is prepared; a local Ray's client workers start at once.
-
-    Returns the start-up log (Ray's log lines from its start; the caller moves them into run.log
-    once the run directory exists) and the client actors started early (`fedpeft.workers`): their
-    workers import the client stack while the driver prepares the task.
-    """
-    import ray
-
-    boot_log = Path(tempfile.mkdtemp(prefix="fedpeft-ray-start-")) / "run.log"
-    with run_log(boot_log, verbose):
-        ray.init(**_ray_args(cfg, verbose, spec.path if spec else None))
-        _log_ray_session()
-    return boot_log, (start_actors(_client_resources(cfg)) if spec is not None else [])
-
-
-def _carry_log(boot_log: Path, log_file: Path) -> None:
-    """Put the start-up log at the head of run.log."""
-    try:
-        text = boot_log.read_text(encoding="utf-8")
-        with log_file.open("a", encoding="utf-8") as fh:
-            fh.write(text)
-    except OSError:  # informational only
-        pass
 
 
 def _attach_cluster(cfg: Config, rundir: RunDir, run_config: dict):
@@ -153,11 +89,11 @@ def simulate(
     # the driver prepares the task (on few cores that import was most of the first round).
     own_ray = not ray.is_initialized()
     spec = WarmupSpec() if own_ray and not cfg.sim.ray_address else None
-    boot_log, actors = _start_ray(cfg, verbose, spec) if own_ray else (None, [])
+    boot_log, actors = start_ray(cfg, verbose, spec) if own_ray else (None, [])
     try:
         rundir, task = _reopen(resume) if resume is not None else _prepare_run(cfg)
         if boot_log is not None:
-            _carry_log(boot_log, rundir.log_file)
+            carry_log(boot_log, rundir.log_file)
         if spec is not None:
             spec.write(cfg.to_json(), str(rundir.task_dir.resolve()), task.num_labels)
         if on_start:
@@ -174,11 +110,11 @@ def simulate(
                 raise
             finally:
                 if own_ray:
-                    ray.shutdown()  # on a cluster this only disconnects the driver (Flower's backend also does)
+                    stop_ray(local=not cfg.sim.ray_address)  # on a cluster this only disconnects the driver (Flower's backend also does)
                     own_ray = False
     finally:
         if own_ray:  # the task could not be prepared: Ray stops before the error is reported
-            ray.shutdown()
+            stop_ray(local=not cfg.sim.ray_address)
         if spec is not None:
             spec.remove()
         if boot_log is not None:
@@ -258,16 +194,6 @@ def _record_failure(rundir: RunDir, err: BaseException) -> None:
         write_traceback(rundir.log_file, err, header=f"run failed: {error_text(err)}")
         rundir.mark_failed(error_text(err), origin(err), expected=expected)
     except OSError:  # the run directory itself is gone or unwritable: the caller still reports err
-        pass
-
-
-def _log_ray_session() -> None:
-    try:
-        from ray._private.worker import global_worker
-
-        logging.getLogger("fedpeft").info("Ray session logs (worker output): %s/logs",
-                                          global_worker.node.get_session_dir_path())
-    except Exception:  # informational only; Ray's internals may move
         pass
 
 
@@ -352,7 +278,7 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
         ctx_queue=Queue(),
     )
     backend_config = {
-        "client_resources": _client_resources(cfg),
+        "client_resources": client_resources(cfg),
         "init_args": {},
         "actor": {"tensorflow": 0},
     }

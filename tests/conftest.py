@@ -45,7 +45,7 @@ def ray_session():
     import ray
 
     from fedpeft.recipe import load
-    from fedpeft.simulation import ray_init_args
+    from fedpeft.ray_session import ray_init_args
 
     ray.init(**ray_init_args(load(SMOKE, TINY_RUN), verbose=False))
     yield
