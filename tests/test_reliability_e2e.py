@@ -66,7 +66,6 @@ def _without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
-@pytest.mark.slow
 def test_two_runs_with_the_same_seed_are_byte_identical(tmp_path):
     runs = []
     for name in ("a", "b"):

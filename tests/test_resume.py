@@ -35,11 +35,11 @@ BASE = ["sim.rounds=5", "sim.num_clients=6", "sim.clients_per_round=3", "train.l
 TOPK_EF = ['codecs.up=["delta","topk:0.1"]', "codecs.error_feedback=true", 'codecs.merge="sparse-mean"']
 SAMPLE_DP = ["dp.enabled=true", "dp.target_epsilon=8.0", "dp.max_grad_norm=1.0"]
 FEDKSEED = ['method.name="fedkseed"', "method.num_seeds=64", "train.lr=0.001", "sim.rounds=8"]  # fast rounds: more of them
-# In the default run one run that holds most kinds of state at once (server optimizer moments +
-# error-feedback residuals + DP accountants); FedKSeed's history and each method alone under `-m slow`.
+# In the default run: one run that holds most kinds of state at once (server optimizer moments +
+# error-feedback residuals + DP accountants), and FedKSeed's history; each method alone under `-m slow`.
 METHODS = {
     "fedadam+topk-error-feedback+sample-dp": ['method.name="fedadam"', *TOPK_EF, *SAMPLE_DP],
-    "fedkseed": pytest.param(FEDKSEED, marks=pytest.mark.slow),
+    "fedkseed": FEDKSEED,
     "fedavg": pytest.param([], marks=pytest.mark.slow),
     "topk-error-feedback": pytest.param(TOPK_EF, marks=pytest.mark.slow),
     "sample-dp": pytest.param(SAMPLE_DP, marks=pytest.mark.slow),
