@@ -15,7 +15,7 @@ from typing import Any
 
 from fedpeft.config import Config
 from fedpeft.runlog import run_log
-from fedpeft.warmup import WarmupSpec
+from fedpeft.warmup import ENV_KEY, WarmupSpec
 from fedpeft.workers import start_actors
 
 
@@ -48,8 +48,6 @@ def ray_args(cfg: Config, verbose: bool, warmup: Path | None = None) -> dict[str
         return ray_connect_args(cfg.sim.ray_address, verbose)
     args = ray_init_args(cfg, verbose)
     if warmup is not None:
-        from fedpeft.warmup import ENV_KEY
-
         args["runtime_env"] = {"worker_process_setup_hook": "fedpeft.warmup.setup", "env_vars": {ENV_KEY: str(warmup)}}
     return args
 
@@ -76,13 +74,15 @@ def start_ray(cfg: Config, verbose: bool, spec: WarmupSpec | None) -> tuple[Path
 
 
 def stop_ray(local: bool) -> None:
-    """Shut down (or, on a cluster, disconnect from) this driver's Ray; a `local` one's monitor is stopped first.
+    """Shut down (on a cluster: disconnect from) this driver's Ray, once; a `local` one's monitor is stopped first.
 
     A local node's monitor (no autoscaling here) answers SIGTERM by reporting to the GCS, which
     `ray.shutdown` has already stopped, so Ray waited out its one-second grace period on every run.
     """
     import ray
 
+    if not ray.is_initialized():  # already stopped
+        return
     if not local:
         ray.shutdown()
         return

@@ -87,8 +87,8 @@ def simulate(
 
     # Ray and its client workers start first: the workers import torch, transformers and peft while
     # the driver prepares the task (on few cores that import was most of the first round).
-    own_ray = not ray.is_initialized()
-    spec = WarmupSpec() if own_ray and not cfg.sim.ray_address else None
+    own_ray, local = not ray.is_initialized(), not cfg.sim.ray_address
+    spec = WarmupSpec() if own_ray and local else None
     boot_log, actors = start_ray(cfg, verbose, spec) if own_ray else (None, [])
     try:
         rundir, task = _reopen(resume) if resume is not None else _prepare_run(cfg)
@@ -109,12 +109,11 @@ def simulate(
                 _record_failure(rundir, err)
                 raise
             finally:
-                if own_ray:
-                    stop_ray(local=not cfg.sim.ray_address)  # on a cluster this only disconnects the driver (Flower's backend also does)
-                    own_ray = False
+                if own_ray:  # inside run_log, so Ray's last lines go to run.log; on a cluster it only disconnects
+                    stop_ray(local)
     finally:
-        if own_ray:  # the task could not be prepared: Ray stops before the error is reported
-            stop_ray(local=not cfg.sim.ray_address)
+        if own_ray:  # still up if the task could not be prepared: Ray stops before the error is reported
+            stop_ray(local)
         if spec is not None:
             spec.remove()
         if boot_log is not None:

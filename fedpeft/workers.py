@@ -108,7 +108,7 @@ def start_actors(client_resources: dict[str, float]) -> list[Any]:
 def recovering_backend(base: type, recovery: WorkerRecovery, actors: list[Any] | None = None) -> type:
     """A subclass of Flower's `RayBackend` (`base`) that replaces dead actors and retries per `recovery`.
 
-    Its pool starts with `actors` (from `start_actors`), topped up to the pool's capacity.
+    Its pool is `actors` (from `start_actors`) when given, else the actors Flower's `build` creates.
     """
     lost_errors = _lost_worker_errors()
     early = list(actors or [])
@@ -125,10 +125,9 @@ def recovering_backend(base: type, recovery: WorkerRecovery, actors: list[Any] |
             self.pool = BasicActorPool(
                 actor_type=ClientAppActor, client_resources=self.client_resources, actor_kwargs=self.actor_kwargs
             )
-            adopted = early[: self.pool.actors_capacity]
-            self.pool.pool.extend(adopted)
-            self.pool.num_actors += len(adopted)
-            self.pool.add_actors_to_pool(self.pool.actors_capacity - len(adopted))
+            # start_actors made exactly the pool's capacity, with the same resources
+            self.pool.pool.extend(early)
+            self.pool.num_actors += len(early)
             early.clear()
             self.app_fn = app_fn
 
