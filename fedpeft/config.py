@@ -211,6 +211,9 @@ class DPConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping bound")
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    noise_source: Literal["auto", "seeded", "os"] = Field(
+        "auto", description="DP randomness: seeded (reproducible), os (OS entropy, unknown to the server); "
+        "auto = seeded under `fedpeft simulate`, os under `flwr run` / `fedpeft deploy`")
     user: UserDPConfig = UserDPConfig()
 
     @model_validator(mode="after")
