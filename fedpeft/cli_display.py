@@ -91,7 +91,8 @@ def summary_table(s: dict[str, Any]) -> Table:
         table.add_row("sample-level ε (max / median)", f"{s['epsilon_max']:.3f} / {s['epsilon_median']:.3f}")
     if "user_epsilon" in s:
         table.add_row("user-level ε", f"{s['user_epsilon']:.3f} at δ = {s['user_delta']:.3g} "
-                      f"({s['user_releases']} rounds, q = {s['user_sample_rate']:.3g})")
+                      f"({s['user_releases']} rounds, {s.get('user_sampling', 'poisson')} client sampling at "
+                      f"q = {s['user_sample_rate']:.3g}, {s.get('user_noise_source', 'seeded')} noise)")
     table.add_row("wall time", f"{s['wall_s']:.1f} s")
     table.add_row("run directory", s["run_dir"])
     table.add_row("log (Flower, Ray)", str(Path(s["run_dir"]) / "run.log"))

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore import log
 
@@ -65,6 +66,12 @@ class NodeDirectory:
             return [self.client_to_node[c] for c in clients]
         picked = rng(seed, server_round, "sample-clients").choice(len(clients), size=k, replace=False)
         return [self.client_to_node[clients[i]] for i in sorted(picked)]
+
+    def sample_poisson(self, gen: np.random.Generator, q: float, online: Iterable[int]) -> list[int]:
+        """Node ids of the online known clients, each taken independently with probability q, in client-id order."""
+        clients = sorted(self.node_to_client[n] for n in set(online) if n in self.node_to_client)
+        keep = gen.random(len(clients)) < q
+        return [self.client_to_node[c] for c, k in zip(clients, keep) if k]
 
 
 def wait_for_nodes(grid, want: int, wait_s: float, poll_s: float = 1.0) -> list[int]:

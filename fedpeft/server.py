@@ -90,7 +90,7 @@ def run_server(
     method = get_strategy_class(cfg.method.name)(cfg, directory, model, workdir)
     if simulated:  # a reply claiming more examples than its client holds is forged
         method.example_limits = {cid: len(p) for cid, p in enumerate(task.partitions)}
-    strategy = with_user_dp(method, cfg)
+    strategy = with_user_dp(method, cfg, simulated=str(rc.get(RUN_DIR_KEY, "") or "") != "")
     faults = ServerFaults(cfg, directory.client_of) if cfg.faults.active else None
     policy = FailurePolicy(cfg.sim.max_failed_rounds)
     strategy.summary()

@@ -8,7 +8,7 @@ that aggregate; FedAvg takes it as is, server optimizers step towards it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +77,8 @@ class AdapterStrategy(FedAvg):
         self.global_arrays: ArrayRecord | None = None  # what this round's clients start from
         self.example_limits: dict[int, int] = {}  # client id -> its example count, where the server knows it
         self.failure: str | None = None  # why the last round failed (sim.min_replies), or None
+        # (round, online node ids) -> sampled node ids; a privacy mechanism installs its own (user-level DP: Poisson)
+        self.sampler: Callable[[int, list[int]], list[int]] | None = None
 
     # ----- what the method changes about models and configs --------------------------------
     @classmethod
@@ -136,7 +138,9 @@ class AdapterStrategy(FedAvg):
         log(INFO, "fedpeft method '%s' with options %s", self.method_name, self.options)
 
     def sample(self, server_round: int, grid) -> list[int]:
-        """Node ids of this round's clients."""
+        """Node ids of this round's clients: a seeded fixed-size draw, or the installed `sampler`'s."""
+        if self.sampler is not None:
+            return self.sampler(server_round, list(grid.get_node_ids()))
         return self.directory.sample(self.cfg.sim.seed, server_round, self.cfg.sim.clients_per_round, grid.get_node_ids())
 
     def configure_train(

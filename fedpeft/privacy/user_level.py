@@ -1,10 +1,24 @@
-"""User-level DP: Flower's DP strategy wrappers around a fedpeft strategy, and the user-level ε.
+"""User-level DP (DP-FedAvg, McMahan et al. 2018): Poisson client sampling, clipped updates, a fixed denominator.
 
-Each sampled client's whole adapter update (its returned tensors minus the global ones) is clipped
-to an L2 bound, by the server (`side = "server"`) or by Flower's client mod (`side = "client"`), and
-Gaussian noise of std σ·C/m is added to the uniform mean of the m clipped updates (Flower's
-`DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`). One release per round; ε is
-Opacus's accountant over `releases` steps at sampling rate q = clients_per_round / num_clients.
+The mechanism, per round:
+1. Each known client is sampled independently with probability q = clients_per_round / num_clients
+   (Poisson sampling; the draw is seeded in simulation, from OS entropy in deployment).
+2. Each reply's update Δ_i (its tensors minus the global ones it was sent) is clipped to L2 norm C, on
+   the server (`side = "server"`) or by Flower's clipping mod on the client (`side = "client"`; the
+   server clips again, a no-op for an honest client, so a client cannot exceed C).
+3. The release is global + (Σ_i Δ_i + N(0, σ²C²)) / m, with m = q·N the *expected* count, whatever
+   number of replies arrived. Adding or removing one user moves the sum by at most C, so the noise
+   per user never shrinks when clients fail, time out or are rejected (Flower's wrappers divide by
+   the replies that arrived, which does).
+4. ε is the Poisson-subsampled Gaussian mechanism at (σ, q) under add/remove adjacency, composed
+   over every round the mechanism ran (Opacus's accountant; cross-checked against Google's
+   `dp_accounting` in the tests).
+
+Adaptive clipping (Andrew et al. 2019) follows the bound C towards the γ-quantile of update norms
+from a noised count of *unclipped* updates. The indicators are centred (b_i − ½, sensitivity ½,
+as in TF Privacy's quantile estimator), so the combination z = (z_Δ⁻² + (2σ_b)⁻²)^(−½) holds;
+Flower 1.41 counts raw 0/1 bits with that formula, which overstates the combined noise.
+Flower's primitives are used for clipping (`compute_clip_model_update`) and for the client mods.
 """
 
 from __future__ import annotations
@@ -16,34 +30,30 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    Strategy,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.supercore import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, get_norm
 
 from fedpeft.config import Config, ConfigError
 from fedpeft.privacy import accounting
+from fedpeft.privacy.noise import noise_source, numpy_noise_rng
 from fedpeft.records import reply_metrics
-from fedpeft.seeding import derive_seed
 
-# Each clipped update enters the mean with weight 1/m: the noise std σ·C/m assumes exactly that
-# (an example-count weight could give one client more than 1/m of the aggregate).
+# Each clipped update enters the sum with weight 1 (the noise is calibrated to one user's C).
 UNIFORM_KEY = "user-dp-weight"
+SAMPLING = "poisson"
+ADJACENCY = "add/remove one user"
 
 
 @dataclass(frozen=True)
 class UserPlan:
-    """The user-level mechanism: noise multiplier, client sampling rate, δ."""
+    """The user-level mechanism: total noise multiplier, client sampling rate, δ, expected clients per round."""
 
     noise_multiplier: float
     sample_rate: float
     delta: float
     accountant: str
+    expected_clients: float
 
 
 def plan(cfg: Config) -> UserPlan:
@@ -55,12 +65,26 @@ def plan(cfg: Config) -> UserPlan:
     if nm is None:
         nm = accounting.solve_noise(u.target_epsilon, delta, q, cfg.sim.rounds, u.accountant,
                                     "dp.user.target_epsilon", "raise dp.user.target_epsilon or lower sim.rounds")
-    return UserPlan(noise_multiplier=nm, sample_rate=q, delta=delta, accountant=u.accountant)
+    return UserPlan(noise_multiplier=nm, sample_rate=q, delta=delta, accountant=u.accountant,
+                    expected_clients=q * cfg.sim.num_clients)
 
 
 def epsilon(p: UserPlan, releases: int) -> float:
-    """User-level ε at p.delta after `releases` noised aggregates (Opacus's accountant; 0 before any)."""
+    """User-level ε at p.delta after `releases` rounds of the mechanism (Opacus's accountant; 0 before any)."""
     return accounting.epsilon(p.accountant, [[p.noise_multiplier, p.sample_rate, releases]] if releases else [], p.delta)
+
+
+def adaptive_noise(noise_multiplier: float, expected_clients: float, count_stddev: float | None) -> tuple[float, float]:
+    """(σ_b, z_Δ): the count's noise std and the update's noise multiplier whose combination is `noise_multiplier`.
+
+    The centred count Σ(b_i − ½) has sensitivity ½, so it is a Gaussian mechanism with multiplier 2σ_b;
+    two Gaussian mechanisms compose like one with z⁻² = z_Δ⁻² + (2σ_b)⁻².
+    """
+    sigma_b = count_stddev if count_stddev is not None else expected_clients / 20
+    if noise_multiplier >= 2 * sigma_b:
+        raise ValueError(f"the clipped-count noise σ_b = {sigma_b:g} must exceed noise_multiplier / 2 = "
+                         f"{noise_multiplier / 2:g} (the count alone would spend more than the whole budget)")
+    return sigma_b, (noise_multiplier ** -2 - (2 * sigma_b) ** -2) ** -0.5
 
 
 def check_config(cfg: Config) -> None:
@@ -74,7 +98,7 @@ def check_config(cfg: Config) -> None:
     if cfg.codecs.merge != "mean":
         raise ConfigError(
             f"dp.user.enabled = true needs codecs.merge = 'mean' (got '{cfg.codecs.merge}'): the noise is "
-            "calibrated to the mean of the clipped updates"
+            "calibrated to the sum of the clipped updates"
         )
     if u.side == "client" and (cfg.codecs.up or cfg.codecs.down):
         raise ConfigError(
@@ -89,158 +113,136 @@ def check_config(cfg: Config) -> None:
         )
     if u.clipping == "adaptive":
         try:
-            _adaptive_noise(cfg, p.noise_multiplier)
+            adaptive_noise(p.noise_multiplier, p.expected_clients, u.clipped_count_stddev)
         except ValueError as err:
             raise ConfigError(f"dp.user: adaptive clipping cannot reach noise multiplier {p.noise_multiplier:g}: "
-                              f"{err} (set dp.user.clipped_count_stddev)") from None
-
-
-def _adaptive_noise(cfg: Config, noise_multiplier: float) -> tuple[float, float]:
-    from flwr.supercore.differential_privacy import compute_adaptive_noise_params
-
-    return compute_adaptive_noise_params(noise_multiplier, cfg.sim.clients_per_round, cfg.dp.user.clipped_count_stddev)
-
-
-class _Combine(Strategy):
-    """What Flower's DP wrapper wraps: the fedpeft strategy's send, and its combine of validated replies."""
-
-    def __init__(self, strategy) -> None:
-        super().__init__()
-        self.strategy = strategy
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
-        """The fedpeft strategy's messages (the wrapper may have added the clipping norm to `config`)."""
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Combine (the mean, before any server step) replies that fedpeft already validated and the wrapper clipped."""
-        return self.strategy.combine(server_round, list(replies))
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
-        """No federated evaluation (the server evaluates the global adapter itself)."""
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """No federated evaluation."""
-        return None
-
-    def summary(self) -> None:
-        """The fedpeft strategy's summary."""
-        self.strategy.summary()
-
-
-class _Adaptive:
-    """Fixes to Flower 1.41's adaptive clipping (Andrew et al., 2019), kept out of the wrapped classes' logic.
-
-    1. The bound must follow the γ-quantile of update norms: C ← C·exp(-η(b̄ - γ)) with b̄ the (noised)
-       fraction of updates left *unclipped*. Flower feeds the clipped fraction into the same formula, so
-       the bound runs away from the quantile (all updates clipped → C shrinks further).
-    2. Flower updates the bound before adding the round's noise, so the noise followed the next round's
-       bound (up to exp(η/2) too small for the sensitivity); the noise here uses the bound applied.
-    """
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        self._round_norm = self.clipping_norm
-        return super().aggregate_train(server_round, replies)
-
-    def _geometric_update(self, clipped_fraction: float) -> None:
-        unclipped = 1.0 - clipped_fraction
-        self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
-
-    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        nxt, self.clipping_norm = self.clipping_norm, self._round_norm
-        try:
-            return super()._add_noise_to_aggregated_arrays(aggregated)
-        finally:
-            self.clipping_norm = nxt
-
-
-class _ServerAdaptive(_Adaptive, DifferentialPrivacyServerSideAdaptiveClipping):
-    pass
-
-
-class _ClientAdaptive(_Adaptive, DifferentialPrivacyClientSideAdaptiveClipping):
-    pass
-
-
-def flower_wrapper(cfg: Config, inner: Strategy, noise_multiplier: float) -> Strategy:
-    """The Flower DP wrapper named by dp.user.side and dp.user.clipping around `inner`."""
-    u, m = cfg.dp.user, cfg.sim.clients_per_round
-    if u.clipping == "fixed":
-        cls = DifferentialPrivacyServerSideFixedClipping if u.side == "server" else DifferentialPrivacyClientSideFixedClipping
-        return cls(inner, noise_multiplier, u.clipping_norm, m)
-    cls = _ServerAdaptive if u.side == "server" else _ClientAdaptive
-    return cls(inner, noise_multiplier, m, initial_clipping_norm=u.clipping_norm,
-               target_clipped_quantile=u.target_quantile, clip_norm_lr=u.clip_norm_lr,
-               clipped_count_stddev=u.clipped_count_stddev)
+                              f"{err} (raise dp.user.clipped_count_stddev)") from None
 
 
 class UserDPStrategy:
-    """A fedpeft strategy with user-level DP: validate replies, then Flower's wrapper clips, combines, noises.
+    """A fedpeft strategy with user-level DP: Poisson sampling, validate, clip, sum, noise, fixed denominator.
 
     Everything else (initial arrays, export, rejections, per-client metrics) is the wrapped strategy's.
     """
 
-    def __init__(self, strategy, cfg: Config) -> None:
+    def __init__(self, strategy, cfg: Config, simulated: bool = True) -> None:
         self.strategy = strategy
         self.cfg = cfg
         self.plan = plan(cfg)
-        strategy.weighted_by_key = UNIFORM_KEY
-        self.dp = flower_wrapper(cfg, _Combine(strategy), self.plan.noise_multiplier)
+        self.source = noise_source(cfg, simulated)
+        u = cfg.dp.user
+        self.adaptive = u.clipping == "adaptive"
+        if self.adaptive:
+            self.count_stddev, self.update_multiplier = adaptive_noise(
+                self.plan.noise_multiplier, self.plan.expected_clients, u.clipped_count_stddev)
+        else:
+            self.count_stddev, self.update_multiplier = 0.0, self.plan.noise_multiplier
+        self.clipping_norm = float(u.clipping_norm)
         self.releases = 0
         self.keys: list[str] = []
+        self.last_round: dict[str, float] = {}
+        strategy.weighted_by_key = UNIFORM_KEY
+        strategy.sampler = self._sample
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.strategy, name)
 
+    def _sample(self, server_round: int, online: list[int]) -> list[int]:
+        # The draw must be secret for the amplification by sampling to hold: OS entropy outside simulation.
+        gen = numpy_noise_rng(self.source, self.cfg.sim.seed, server_round, "user-dp-sample")
+        return self.strategy.directory.sample_poisson(gen, self.plan.sample_rate, online)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The wrapped strategy's state, the releases so far and the (adaptive) clipping bound."""
         return {**self.strategy.state_dict(), "user-dp/releases": np.asarray(self.releases),
-                "user-dp/clipping-norm": np.asarray(float(self.dp.clipping_norm), dtype=np.float64)}
+                "user-dp/clipping-norm": np.asarray(self.clipping_norm, dtype=np.float64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what `state_dict` returned."""
         self.strategy.load_state_dict({k: v for k, v in state.items() if not k.startswith("user-dp/")})
         self.releases = int(state["user-dp/releases"])
-        self.dp.clipping_norm = float(state["user-dp/clipping-norm"])
+        self.clipping_norm = float(state["user-dp/clipping-norm"])
 
     def summary(self) -> None:
-        """Log the DP wrapper's settings and the method."""
-        log(INFO, "user-level DP: %r, noise multiplier %.4g, q = %.4g, δ = %g",
-            self.dp, self.plan.noise_multiplier, self.plan.sample_rate, self.plan.delta)
-        self.dp.summary()
+        """Log the mechanism's settings, then the method's."""
+        p = self.plan
+        log(INFO, "user-level DP: %s client sampling at q = %.4g (expected %.4g per round), %s adjacency, "
+            "%s clipping at C = %.4g (%s side), noise multiplier %.4g (update %.4g, clipped count σ_b %.4g), "
+            "fixed denominator %.4g, δ = %g, %s noise", SAMPLING, p.sample_rate, p.expected_clients, ADJACENCY,
+            self.cfg.dp.user.clipping, self.clipping_norm, self.cfg.dp.user.side, p.noise_multiplier,
+            self.update_multiplier, self.count_stddev, p.expected_clients, p.delta, self.source)
+        self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
-        """The method's messages, through the wrapper (client side: with the clipping norm in the config)."""
+        """The method's messages to this round's Poisson-sampled clients (client side: with the clipping bound)."""
         self.keys = list(arrays.keys())
-        return self.dp.configure_train(server_round, arrays, config, grid)
+        config = ConfigRecord(dict(config or {}))
+        if self.cfg.dp.user.side == "client":
+            config[KEY_CLIPPING_NORM] = self.clipping_norm  # what Flower's clipping mods read
+        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and decode (fedpeft), then clip, average uniformly and noise (Flower's wrapper)."""
+        """Validate (fedpeft), clip, sum, add N(0, σ²C²), divide by the expected count; then the server step."""
+        replies = list(replies)
+        # The mechanism runs (and is accounted) every round clients were sampled, whatever arrives.
+        if self.strategy.sent:
+            self.releases += 1
         valid = self.strategy.accept(server_round, replies)
-        if not valid:
+        if not self.strategy.sent:
+            self.strategy.failure = (f"Poisson client sampling (q = {self.plan.sample_rate:.4g}) drew no client "
+                                     "this round")
+        reference = self.strategy.global_arrays
+        if not valid or reference is None:
+            self.last_round = {}
             return None, None
+        ref = [reference[k].numpy().astype(np.float64) for k in self.keys]
+        total = [np.zeros_like(r) for r in ref]
+        unclipped = 0
+        bound = self.clipping_norm  # the bound this round's updates were clipped to (the noise must match it)
         for msg in valid:
-            # Flower clips position by position against the global record: same key order for every reply.
-            rec = msg.content["arrays"]
-            msg.content["arrays"] = ArrayRecord({k: rec[k] for k in self.keys})
-            reply_metrics(msg.content)[UNIFORM_KEY] = 1
-        # Flower's wrappers draw their noise from numpy's global generator: seed it per round (determinism).
-        np.random.seed(derive_seed(self.cfg.sim.seed, server_round, "user-dp-noise") % 2**32)
-        arrays, metrics = self.dp.aggregate_train(server_round, valid)
-        if arrays is None:
-            return None, metrics
-        self.releases += 1
+            rec, sent = msg.content["arrays"], self.strategy.reference(msg.metadata.src_node_id)
+            delta = [rec[k].numpy().astype(np.float64) - sent[k].numpy().astype(np.float64) for k in self.keys]
+            norm = get_norm(delta)
+            scale = min(1.0, bound / norm) if norm > 0 else 1.0
+            if self.cfg.dp.user.side == "client":
+                was_clipped = bool(reply_metrics(msg.content).get(KEY_NORM_BIT, False)) if self.adaptive else False
+            else:
+                was_clipped = scale < 1.0
+            unclipped += 0 if was_clipped else 1
+            for t, d in zip(total, delta):
+                t += scale * d
+        gen = numpy_noise_rng(self.source, self.cfg.sim.seed, server_round, "user-dp-noise")
+        m = self.plan.expected_clients
+        std_sum = self.update_multiplier * bound
+        new = {}
+        for k, r, t in zip(self.keys, ref, total):
+            noised = (t + gen.normal(0.0, std_sum, size=t.shape)) / m
+            new[k] = Array(np.asarray(r + noised, dtype=reference[k].numpy().dtype))
+        self.last_round = {"user_replies": len(valid), "user_noise_std": std_sum / m,
+                           "user_effective_noise_multiplier": std_sum / bound, "user_round_clipping_norm": bound}
+        if self.adaptive:
+            self._update_bound(unclipped, len(valid), gen)
         # A server optimizer acts on the noised mean: post-processing, so ε is unchanged.
-        return self.strategy.server_step(server_round, arrays), metrics
+        return self.strategy.server_step(server_round, ArrayRecord(new)), None
 
-    def privacy(self) -> dict[str, float]:
-        """User-level ε, δ, noise multiplier, releases so far and the current clipping bound."""
+    def _update_bound(self, unclipped: int, replies: int, gen: np.random.Generator) -> None:
+        """C ← C·exp(−η(b̃ − γ)), b̃ the noised fraction of unclipped updates from centred indicators."""
+        m = self.plan.expected_clients
+        centred = unclipped - 0.5 * replies + gen.normal(0.0, self.count_stddev)
+        fraction = centred / m + 0.5
+        u = self.cfg.dp.user
+        self.clipping_norm *= math.exp(-u.clip_norm_lr * (fraction - u.target_quantile))
+        self.last_round["user_unclipped_fraction_noised"] = fraction
+
+    def privacy(self) -> dict[str, Any]:
+        """User-level ε, δ, noise multiplier, sampling, releases so far, this round's noise and the clipping bound."""
         return {"user_epsilon": epsilon(self.plan, self.releases), "user_delta": self.plan.delta,
                 "user_noise_multiplier": self.plan.noise_multiplier, "user_releases": self.releases,
-                "user_sample_rate": self.plan.sample_rate, "user_clipping_norm": float(self.dp.clipping_norm)}
+                "user_sample_rate": self.plan.sample_rate, "user_clipping_norm": self.clipping_norm,
+                "user_sampling": SAMPLING, "user_adjacency": ADJACENCY, "user_noise_source": self.source,
+                **self.last_round}
 
 
-def with_user_dp(strategy, cfg: Config):
+def with_user_dp(strategy, cfg: Config, simulated: bool = True):
     """`strategy` wrapped for user-level DP when dp.user.enabled, else `strategy` itself."""
-    return UserDPStrategy(strategy, cfg) if cfg.dp.user.enabled else strategy
+    return UserDPStrategy(strategy, cfg, simulated) if cfg.dp.user.enabled else strategy

@@ -115,6 +115,7 @@ def headline(s: RunStats) -> list[tuple[str, str]]:
          f"{fmt_bytes(ref)} = 2 × {s.participations} × {s.full_model_message_bytes:,} B"),
         ("this run vs full-model FedAvg", DASH if ratio is None else f"{ratio:,.1f}× fewer bytes"),
         ("ε spent (max over clients)", fmt_num(s.epsilon, 3)),
+        *([("user-level DP", s.user_privacy)] if s.user_privacy else []),
         ("wall time", DASH if s.wall_s is None else f"{s.wall_s:.1f} s"),
     ]
 

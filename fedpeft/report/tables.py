@@ -83,6 +83,7 @@ class RunStats:
     final_exact_match: float | None = None
     final_perplexity: float | None = None
     generation_share: float | None = None  # fraction of round time spent generating (causal-LM runs)
+    user_privacy: str | None = None  # user-level DP: ε, δ, how clients were sampled, the adjacency, the noise source
     incomplete: str | None = None  # why the run did not complete (failed, interrupted, …)
     stopped: str | None = None  # why a completed run ended before its last round (the communication budget)
     rounds: list[RoundStats] = field(default_factory=list)
@@ -177,6 +178,7 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         num_clients=_opt_int(run.config.get("sim", {}).get("num_clients", run.summary.get("num_clients"))),
         final_exact_match=_last(rounds, "exact_match"), final_perplexity=_last(rounds, "perplexity"),
         generation_share=_opt_float(run.summary.get("generation_share")),
+        user_privacy=user_privacy_text(run.summary),
         incomplete=run.incomplete, stopped=describe_stop(run.stopped) if run.stopped else None,
         rounds=rounds, clients=clients,
     )
@@ -317,3 +319,14 @@ def _opt_float(v: Any) -> float | None:
 
 def _opt_int(v: Any) -> int | None:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def user_privacy_text(summary: dict[str, Any]) -> str | None:
+    """One line on a run's user-level DP guarantee and how it was obtained (None without user-level DP)."""
+    if "user_epsilon" not in summary:
+        return None
+    return (f"ε = {float(summary['user_epsilon']):.3f} at δ = {float(summary['user_delta']):.3g} after "
+            f"{int(summary['user_releases'])} rounds; {summary.get('user_sampling', 'poisson')} client sampling at "
+            f"q = {float(summary['user_sample_rate']):.3g}, {summary.get('user_adjacency', 'add/remove one user')} "
+            f"adjacency, noise multiplier {float(summary['user_noise_multiplier']):.4g}, "
+            f"{summary.get('user_noise_source', 'seeded')} noise")
