@@ -93,6 +93,10 @@ def simulate(
         f"[bold]fedpeft[/bold] {cfg.name}: method [cyan]{cfg.method.name}[/cyan], adapter [cyan]{cfg.adapter.type}[/cyan], "
         f"model {cfg.model.source}{' causal LM' if cfg.model.kind == 'causal-lm' else ''}, {cfg.sim.num_clients} clients, {cfg.sim.clients_per_round}/round, {cfg.sim.rounds} rounds"
     )
+    if cfg.dp.enabled or cfg.dp.user.enabled:
+        from fedpeft.cli_display import privacy_header
+
+        console.print(privacy_header(cfg))
     from fedpeft.simulation import simulate as run_simulation
 
     with _pinned_console(), Progress(

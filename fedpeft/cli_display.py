@@ -124,3 +124,18 @@ def result_line(s: dict[str, Any]) -> str:
     stopped = f"; {describe_stop(s['stopped'])}" if s.get("stopped") else ""
     return (f"  → {s['run_dir']}: final {metric_label(m)} {s[f'final_{m}']:.4f}, "
             f"{s['bytes_total'] / MB:.3f} MB{rejected}{stopped}")
+
+
+def privacy_header(cfg) -> str:
+    """One line naming the run's DP guarantees: level, client sampling and adjacency, where the noise comes from."""
+    from fedpeft.privacy.noise import noise_source
+
+    parts = []
+    if cfg.dp.enabled:
+        parts.append("sample-level DP-SGD (Poisson batches, add/remove one example)")
+    if cfg.dp.user.enabled:
+        q = cfg.sim.clients_per_round / cfg.sim.num_clients
+        parts.append(f"user-level DP (Poisson client sampling at q = {q:.3g}, add/remove one user, "
+                     f"{cfg.dp.user.clipping} clipping on the {cfg.dp.user.side})")
+    seeded = noise_source(cfg, simulated=True) == "seeded"
+    return f"privacy: {'; '.join(parts)}; {'seeded noise (reproducible)' if seeded else 'noise from OS entropy'}"
