@@ -9,18 +9,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.runtime import ClientRuntime
-from clients.zeroth_order import ZerothOrderTrainer
+from clients.zeroth_order import ZerothOrderTrainer, catch_up
 from fedpeft.recipe import validate
 from fedpeft.data.builtin import generate
 from fedpeft.data.prepared import PreparedTask, eval_batches, tokenize
 from fedpeft.models import build_model, load_tokenizer
 from fedpeft.nodes import NodeDirectory
 from fedpeft.zo import PackError, direction_vector, pack_scalars, perturb, pro_probabilities, tuned_parameters, unpack_scalars
-from strategies.fedkseed import FedKSeed, pack_history
+from strategies.fedkseed import FedKSeed
 
 K = 64
 
@@ -59,6 +59,16 @@ def _reply(content: RecordDict, node: int) -> Message:
 def _scalars(idx, val, n=10) -> RecordDict:
     return RecordDict({"zo": ConfigRecord({"scalars": pack_scalars(np.array(idx), np.array(val, np.float32), K)}),
                        "metrics": MetricRecord({"num-examples": n})})
+
+
+class Grid:
+    """The one grid call `configure_train` makes: the online node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
 
 
 def _server(cfg, tmp_path=None):
@@ -130,16 +140,21 @@ def test_server_and_client_replay_are_bit_identical(task, tmp_path):
     rounds = [([1, 7, 30], [0.5, -2.0, 1.5]), ([7], [3.0]), ([0, 63], [-0.25, 0.125])]
     for r, (idx, val) in enumerate(rounds, 1):
         server.aggregate_train(r, [_reply(_scalars(idx, val), 11)])
+    history = [(np.array(i), np.array(v, np.float32)) for i, v in rounds]
     # A client at its first participation receives all three rounds in its message.
     fresh = ZerothOrderTrainer(ClientRuntime(cfg, task, build_model(cfg, 6), str(tmp_path)))
-    fresh.sync(4, 1, [(np.array(i), np.array(v, np.float32)) for i, v in rounds])
-    # A worker still at round 0 running a client that synced at round 2 fills round 1..2 from the run dir.
+    fresh.sync(catch_up([], 1, history, 4))
+    # A worker still at round 0 running a client that holds rounds 1..2 and is sent round 3.
     worker = ZerothOrderTrainer(ClientRuntime(cfg, task, build_model(cfg, 6), str(tmp_path)))
-    worker.sync(4, 3, [(np.array(rounds[2][0]), np.array(rounds[2][1], np.float32))])
+    worker.sync(catch_up(history[:2], 3, history[2:], 4))
     for trainer in (fresh, worker):
+        assert trainer.round == 3
         for a, b in zip(server.params, trainer.params):
             assert torch.equal(a, b)
     assert not torch.equal(server.params[0], tuned_parameters(build_model(cfg, 6), "adapter")[0])
+    assert catch_up(history[:1], 3, history[2:], 4) is None  # round 2 in neither: the client cannot catch up
+    with pytest.raises(RuntimeError, match="cannot be undone"):
+        fresh.sync(history[:2])
 
 
 def test_replay_is_bit_identical_in_another_process(tmp_path):
@@ -162,11 +177,11 @@ print(hashlib.sha256(b"".join(p.numpy().tobytes() for p in params)).hexdigest())
     assert out.stdout.strip().splitlines()[-1] == digest
 
 
-def test_zo_rounds_lower_the_loss(task):
+def test_zo_rounds_lower_the_loss(task, tmp_path):
     cfg = _cfg()
     server_model = build_model(cfg, 6).eval()
     server = FedKSeed(cfg, NodeDirectory({11: 0, 12: 1}), server_model, None)
-    trainer = ZerothOrderTrainer(ClientRuntime(cfg, task, build_model(cfg, 6)))
+    trainer = ZerothOrderTrainer(ClientRuntime(cfg, task, build_model(cfg, 6), str(tmp_path)))
     batch = next(eval_batches(task.train, 64, 0))
 
     def loss() -> float:
@@ -175,16 +190,11 @@ def test_zo_rounds_lower_the_loss(task):
 
     before = loss()
     for r in range(1, 5):
-        replies = []
-        for node, cid in ((11, 0), (12, 1)):
-            last = server.synced.get(cid, 0)
-            c = ConfigRecord({"server-round": r, "from-round": last + 1,
-                              "history": pack_history(server.history[last : r - 1], K)})
-            server.synced[cid] = r - 1
-            msg = Message(RecordDict({"config": c}), dst_node_id=node, message_type=MessageType.TRAIN)
-            replies.append(_reply(trainer.train(msg, cid), node))
-        server.aggregate_train(r, replies)
+        msgs = server.configure_train(r, ArrayRecord(), ConfigRecord(), Grid([11, 12]))
+        server.aggregate_train(r, [_reply(trainer.train(m, m.metadata.dst_node_id - 11), m.metadata.dst_node_id)
+                                   for m in msgs])
     assert loss() < before - 0.01
+    assert server.confirmed == {0: 3, 1: 3}
 
 
 def test_pro_probabilities_match_the_formula():

@@ -135,10 +135,11 @@ class LocalDeployment:
             raise DeployError(f"flwr supernode register {keys.public} failed ({r.returncode}): {r.stdout}{r.stderr}")
 
     def start_node(self, client_id: int, data_file: Path | None = None, register: bool = True,
-                   superlink: str | None = None, name: str | None = None) -> Node:
+                   superlink: str | None = None, name: str | None = None, env: dict[str, str] | None = None) -> Node:
         """Start a SuperNode for `client_id` (its node config names its data file); with auth, make and
         (unless `register` is False) register its key pair first. `superlink` overrides the address
-        the node dials (e.g. a relay)."""
+        the node dials (e.g. a relay); `env` adds to the node's environment (e.g. its own `FEDPEFT_CACHE`,
+        as on a machine of its own)."""
         name = name or f"node-{client_id}"
         keys = None
         argv = [self._tool("flower-supernode"), "--superlink", superlink or self.address, "--port", str(free_port()),
@@ -151,7 +152,8 @@ class LocalDeployment:
             argv += ["--auth-supernode-private-key", str(keys.private)]
         config = f"client-id={client_id}" + (f' data-file="{Path(data_file).resolve()}"' if data_file else "")
         argv += ["--node-config", config]
-        node = Node(name, client_id, self.procs.start(name, argv, cwd=self.base), keys, register and self.auth)
+        proc = self.procs.start(name, argv, cwd=self.base, env={**self.env, **env} if env else None)
+        node = Node(name, client_id, proc, keys, register and self.auth)
         self.nodes.append(node)
         return node
 

@@ -104,13 +104,15 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
 
-    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> Started:
-        """Start `argv` in its own session with output to `<log_dir>/<name>.log`; remember its PID."""
+    def start(self, name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Started:
+        """Start `argv` in its own session with output to `<log_dir>/<name>.log`; remember its PID.
+
+        `env` replaces the group's environment for this process only."""
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as fh:
             # A session of its own: Ctrl-C in the terminal does not reach it, and stop() controls its end.
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=cwd,
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env if env is None else env,
+                                    cwd=cwd, start_new_session=True)
         s = Started(name, proc, log)
         self.started.append(s)
         self.seen_pids[proc.pid] = start_time(proc.pid)
