@@ -3,8 +3,11 @@
 FedMedian and the trimmed mean (Yin et al., 2018) reduce every coordinate across the replies,
 unweighted, as Flower's FedMedian and FedTrimmedAvg do. Krum (Blanchard et al., 2017) keeps the
 reply whose n − f − 2 nearest replies are closest to it; Multi-Krum averages the m best-scored
-replies, weighted by examples, as Flower's MultiKrum does. None of these is the mean of the client
-tensors, so recipes with user-level DP or a `codecs.merge` rule are refused (`weighted_mean`).
+replies uniformly, as the paper does. No rule reads the self-reported example counts: Flower's
+MultiKrum weights its mean by them, which lets one selected attacker claiming 10⁹ examples
+(the most a reply may claim where the server does not know the client's size) take the mean over.
+None of these is the mean of the client tensors, so recipes with user-level DP or a
+`codecs.merge` rule are refused (`weighted_mean`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -157,7 +159,7 @@ class KrumAdapter(RobustAggregator):
         return f, m
 
     def aggregate(self, server_round: int, valid: list[Message]) -> ArrayRecord:
-        """The selected replies' example-weighted mean (Krum: the selected reply's own tensors)."""
+        """The selected replies' uniform mean (Krum: the selected reply's own tensors)."""
         f, m = self.plan(server_round, len(valid))
         # Flower's select_multikrum scores replies by squared distances computed as |x|² + |y|² − 2x·y in
         # the tensors' own dtype (float32): the global every client started from dominates |x|², and
@@ -174,7 +176,9 @@ class KrumAdapter(RobustAggregator):
         log(INFO, "round %d: %s selected clients %s (f = %d)", server_round, self.method_name, self.selected, f)
         if len(chosen) == 1:
             return valid[chosen[0]].content[ARRAYS]
-        return aggregate_arrayrecords([valid[i].content for i in chosen], self.weighted_by_key)
+        # Unweighted, as in Blanchard et al.: the selection bounds each reply's distance from the
+        # others, not the weight it claims, so a weight would hand the mean to a selected liar.
+        return self.per_coordinate([valid[i] for i in chosen], lambda x: x.mean(axis=0))
 
     def round_metrics(self, server_round: int, ledger: "CommLedger") -> dict[str, Any]:
         """The client ids Krum selected this round."""
@@ -185,7 +189,7 @@ class KrumAdapter(RobustAggregator):
 @register("multi-krum", trainer="first_order", options=MultiKrumOptions,
           capabilities=_capabilities("Multi-Krum selection (the mean of the m best-scored replies only)"))
 class MultiKrumAdapter(KrumAdapter):
-    """Multi-Krum: the example-weighted mean of the m replies with the best Krum scores."""
+    """Multi-Krum: the uniform mean of the m replies with the best Krum scores."""
 
     def wanted(self) -> int | None:
         """method.m (None: all but f)."""

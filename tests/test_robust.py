@@ -122,17 +122,38 @@ def test_krum_returns_the_tensors_of_the_client_the_score_formula_picks():
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
-def test_multi_krum_averages_exactly_the_m_best_scored_by_examples(m):
+def test_multi_krum_averages_exactly_the_m_best_scored_uniformly(m):
     chosen = list(np.argsort(_krum_scores(f=1))[:m])
     assert OUTLIER not in chosen
     strategy, out, _ = _aggregate("multi-krum", "method.f=1", f"method.m={m}")
     assert sorted(strategy.round_metrics(1, None)["krum_selected"]) == sorted(chosen)
-    w = np.array([EXAMPLES[i] for i in chosen], dtype=np.float64)
     for k in KEYS:
-        expected = sum(wi * STATES[i][k].astype(np.float64) for wi, i in zip(w / w.sum(), chosen))
+        expected = np.mean([STATES[i][k].astype(np.float64) for i in chosen], axis=0)  # Blanchard et al.: unweighted
         assert out[k].dtype == np.float32
         np.testing.assert_allclose(out[k], expected, rtol=1e-5, atol=1e-6)
     _assert_within_honest(out)
+
+
+def test_a_selected_attacker_claiming_a_billion_examples_does_not_take_the_multi_krum_mean():
+    """A small, biased update sits among the honest ones, so Krum keeps it; its claimed weight must not count."""
+    honest = STATES[:4]
+    centre = {k: np.mean([s[k].astype(np.float64) for s in honest], axis=0) for k in KEYS}
+    attacker = {k: (v + 0.05).astype(np.float32) for k, v in centre.items()}  # the honest mean, shifted
+    states = [*honest, attacker]
+    strategy = _strategy("multi-krum", "method.f=1", "method.m=3")
+    replies = [_reply(s, node, n) for s, node, n in zip(states, NODES, [10, 20, 30, 40, 10**9])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert not strategy.pop_rejections()
+    chosen = sorted(strategy.round_metrics(1, None)["krum_selected"])
+    assert 4 in chosen and len(chosen) == 3  # the attacker is selected
+    for k in KEYS:
+        expected = np.mean([states[i][k].astype(np.float64) for i in chosen], axis=0)
+        np.testing.assert_allclose(arrays[k].numpy(), expected, rtol=1e-5, atol=1e-6)
+    flat = lambda d: np.concatenate([np.asarray(d[k], dtype=np.float64).ravel() for k in KEYS])  # noqa: E731
+    out = flat({k: arrays[k].numpy() for k in KEYS})
+    others = np.mean([flat(states[i]) for i in chosen if i != 4], axis=0)
+    # Weighted by claims, the mean would be the attacker's update to within 1e-7; uniformly it is a third of the way.
+    assert np.linalg.norm(out - flat(attacker)) > 0.6 * np.linalg.norm(others - flat(attacker))
 
 
 def test_multi_krum_default_m_is_all_but_f():
