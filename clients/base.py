@@ -23,12 +23,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class ClientRuntime:
-    """Per-process state shared by every client this worker runs: config, tokenized task, the one base model."""
+    """Per-process state shared by every client this worker runs: config, tokenized task, the one base model.
+
+    `simulated` is true under `fedpeft simulate` only; with dp.noise_source = "auto" it picks seeded
+    DP noise there and OS entropy everywhere else, so it defaults to false (the private choice).
+    """
 
     cfg: Config
     task: PreparedTask
     model: "PeftModel"
     run_dir: str | None = None
+    simulated: bool = False
 
 
 class Trainer(ABC):

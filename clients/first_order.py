@@ -22,7 +22,19 @@ from fedpeft.causal_lm import batch_loss
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import derive_seed
 
-__all__ = ["FirstOrderTrainer", "make_optimizer"]
+__all__ = ["FirstOrderTrainer", "dp_reply_metrics", "make_optimizer"]
+
+
+def dp_reply_metrics(num_examples: int, dp_metrics: dict) -> dict:
+    """A DP-SGD reply's metrics: the example count and the privacy figures, nothing computed from the data.
+
+    ε covers only the released adapter. The training loss (raw data), the count of non-empty Poisson
+    draws (it depends on whether an example was sampled) and the training time (sequence lengths,
+    batch sizes) are not privatized, so they stay on the client. `num-examples` is sent: the server
+    weights by it, and it reveals the client's dataset size n, which DP-SGD treats as public (the
+    sampling rate q = batch_size / n sent alongside is derived from it anyway).
+    """
+    return {NUM_EXAMPLES: num_examples, **dp_metrics}
 
 
 @register_trainer("first_order")
@@ -51,6 +63,8 @@ class FirstOrderTrainer(Trainer):
             (DPSteps if cfg.dp.enabled else PlainSteps)(self, ctx).run()
         finally:
             model.eval()
+        if cfg.dp.enabled:
+            return self.upload(ctx, dp_reply_metrics(len(ctx.dataset), ctx.metrics))
         metrics = {NUM_EXAMPLES: len(ctx.dataset), TRAIN_LOSS: ctx.loss_sum / max(ctx.steps, 1),
                    "train-steps": ctx.steps, TRAIN_SECONDS: time.perf_counter() - t0, **ctx.metrics}
         return self.upload(ctx, metrics)

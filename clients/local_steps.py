@@ -16,8 +16,8 @@ from flwr.app import Message
 
 from fedpeft.config import TrainConfig
 from fedpeft.data.prepared import train_batches
-from fedpeft.privacy import dpsgd, sample_level
-from fedpeft.seeding import derive_seed, rng, torch_generator
+from fedpeft.privacy import dpsgd, noise, sample_level
+from fedpeft.seeding import rng
 
 if TYPE_CHECKING:
     from clients.first_order import FirstOrderTrainer
@@ -89,13 +89,15 @@ class DPSteps:
         cfg, task = rt.cfg, rt.task
         self.delta = sample_level.resolve_delta(cfg, [len(p) for p in task.partitions])
         self.plan = sample_level.plan(cfg, len(ctx.dataset), self.delta)
-        seed = cfg.sim.seed
-        self.loader = dpsgd.poisson_loader(ctx.dataset, self.plan.sample_rate, task.pad_token_id,
-                                           torch_generator(seed, ctx.server_round, ctx.cid, "dp-sample"))
         self.model = rt.model
         self.device = next(self.model.parameters()).device
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(
-            derive_seed(seed, ctx.server_round, ctx.cid, "dp-noise"))
+        # Both the batch draws and the Gaussian noise: a party that can regenerate either (whoever
+        # holds the run seed, outside a simulation) can undo the privacy of the released adapter.
+        self.source = noise.noise_source(cfg, rt.simulated)
+        parts = (cfg.sim.seed, ctx.server_round, ctx.cid)
+        self.loader = dpsgd.poisson_loader(ctx.dataset, self.plan.sample_rate, task.pad_token_id,
+                                           noise.torch_noise_generator(self.source, *parts, "dp-sample"))
+        self.noise_gen = noise.torch_noise_generator(self.source, *parts, "dp-noise", device=self.device)
 
     def draws(self, steps: int) -> Iterator[dict[str, torch.Tensor] | None]:
         """`steps` Poisson draws (None for an empty one)."""
@@ -110,14 +112,15 @@ class DPSteps:
     def run(self) -> None:
         """Take the planned DP-SGD steps (skipping empty draws, which are still accounted)."""
         t, ctx, cfg = self.trainer, self.ctx, self.trainer.rt.cfg
+        # Refused before wrapping: raising after it would leave Opacus's hooks on the cached model.
+        if cfg.dp.grad_sample_mode == "ghost" and type(t).loss is not type(t).base_loss:
+            raise ValueError(f"dp.grad_sample_mode = 'ghost' computes the loss itself; trainer "
+                             f"'{type(t).__name__}' changes the loss: use grad_sample_mode = 'hooks'")
         self.model.train()  # Opacus validates that the module is in training mode
         dp_model, opt, criterion = dpsgd.make_private(
             self.model, make_optimizer(ctx.params, cfg.train), self.loader, cfg, self.plan.noise_multiplier,
             self.noise_gen)
         dp_model.train()
-        if criterion is not None and type(t).loss is not type(t).base_loss:
-            raise ValueError(f"dp.grad_sample_mode = 'ghost' computes the loss itself; trainer "
-                             f"'{type(t).__name__}' changes the loss: use grad_sample_mode = 'hooks'")
         draws = 0
         try:
             with warnings.catch_warnings():
@@ -137,4 +140,5 @@ class DPSteps:
             dpsgd.release(dp_model, ctx.params)
         ctx.metrics.update(sample_level.account_round(t.store(ctx.msg), ctx.cid, ctx.server_round, self.plan,
                                                       draws, cfg.dp.accountant))
+        ctx.metrics[sample_level.NOISE_SEEDED] = int(self.source == noise.SEEDED)  # a setting, not data: free to report
 

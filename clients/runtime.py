@@ -27,7 +27,9 @@ def _runtime(items: tuple[tuple[str, str], ...], run_id: int, data_file: str = "
     task = task_from(rc, cfg)
     if data_file:  # a deployed node trains on its own file, not on a simulation partition
         task = node_task(task, cfg, data_file, cid)
-    return ClientRuntime(cfg, task, cached_model(cfg, task.num_labels), str(shared_dir(rc, run_id)))
+    # Only `fedpeft simulate` names its run directory in the run config (the server checks the same).
+    return ClientRuntime(cfg, task, cached_model(cfg, task.num_labels), str(shared_dir(rc, run_id)),
+                         simulated=bool(rc.get(RUN_DIR_KEY, "")))
 
 
 def runtime(context: Context) -> ClientRuntime:

@@ -218,8 +218,14 @@ class AdapterStrategy(FedAvg):
 
         Fewer valid replies than `sim.min_replies` asks of the round's sampled clients: the round
         fails (`self.failure` says why) and nothing is accepted, so the global model is unchanged.
+
+        `client_metrics` gets every accepted reply's metrics, plus those of each rejected or
+        round-failed reply that carries ε (its client trained and spent it all the same), each
+        tagged with its privacy-ledger status.
         """
-        valid, metrics = [], []
+        from fedpeft.privacy import ledger
+
+        valid, metrics, unused = [], [], []
         self.decoded = {}
         self.failure = None
         for msg in replies:
@@ -228,18 +234,22 @@ class AdapterStrategy(FedAvg):
             reason = reason or self.check_reply(msg.content, client)
             if reason is None:
                 valid.append(msg)
-                metrics.append((client, dict(reply_metrics(msg.content))))
+                metrics.append((client, {**reply_metrics(msg.content), ledger.STATUS: ledger.ACCEPTED}))
                 continue
             self.rejections.append(Rejection(server_round, client, reason))
             log(WARNING, "round %d: rejected reply from client %d: %s", server_round, client, reason)
+            if not msg.has_error() and (dp := ledger.spent(msg.content, ledger.REJECTED)) is not None:
+                unused.append((client, dp))
         sampled = len(self.sent) or self.cfg.sim.clients_per_round
         need = required_replies(self.cfg.sim.min_replies, sampled)
         if len(valid) < need:
             self.failure = f"{len(valid)} valid replies of {sampled} sampled clients; sim.min_replies needs {need}"
             log(WARNING, "round %d failed: %s; the global model is unchanged", server_round, self.failure)
             self.decoded = {}
+            self.client_metrics.extend([(c, {**m, ledger.STATUS: ledger.ROUND_FAILED}) for c, m in metrics
+                                        if "epsilon" in m] + unused)
             return []
-        self.client_metrics.extend(metrics)
+        self.client_metrics.extend(metrics + unused)
         return valid
 
     def decode(self, server_round: int, msg: Message, client: int) -> str | None:

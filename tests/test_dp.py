@@ -163,13 +163,13 @@ def test_unreachable_target_epsilon_is_rejected():
         dp.check_task(cfg, [120])
 
 
-def test_target_epsilon_solves_noise_for_the_expected_participations():
+def test_target_epsilon_solves_noise_for_a_client_in_every_round():
     cfg = load(SMOKE, ["dp.enabled=true", "dp.target_epsilon=4.0"])
     plan = dp.plan(cfg, 120, 1e-4)
-    total = 10 * dp.expected_participations(cfg)  # 10 local steps × ceil(3 rounds × 5 / 10) = 2
+    total = 10 * cfg.sim.rounds  # 10 local steps in each of the 3 rounds (5 of 10 clients a round)
     acc = RDPAccountant()
     acc.history = [(plan.noise_multiplier, plan.sample_rate, total)]
-    assert dp.expected_participations(cfg) == 2
+    assert dp.max_participations(cfg) == 3
     assert 3.9 <= acc.get_epsilon(delta=1e-4) <= 4.0
 
 
@@ -189,6 +189,12 @@ def test_dp_simulation_reports_epsilon_and_exports_a_loadable_adapter(tmp_path):
     assert summary["epsilon_max"] == max(latest.values())
     assert rows[-1]["epsilon_max"] == max(float(r["epsilon"]) for r in ledger if r["round"] == "2")
     assert summary["epsilon_max"] >= summary["epsilon_median"] > 0
+    assert {r["status"] for r in ledger} == {"accepted"} and summary["sample_noise_source"] == "seeded"
+    # DP replies carry no training loss: the rows have none, and the report is written without it.
+    assert not any("train_loss" in r for r in rows)
+    from fedpeft.report import make_report
+
+    assert make_report([rd], tmp_path / "report")["report.html"].is_file()
     from fedpeft.data import open_prepared
 
     t = open_prepared(str(rd / "data"))

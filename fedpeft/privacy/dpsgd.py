@@ -32,8 +32,17 @@ def poisson_loader(ds, q: float, pad_id: int, generator: torch.Generator) -> Dat
     return DataLoader(list(range(len(ids))), batch_sampler=sampler, collate_fn=collate_rows)
 
 
+def expected_batch_size(loader: DataLoader) -> float:
+    """q·n of a `poisson_loader`: the expected batch size a DP-SGD step's noisy sum is divided by."""
+    sampler = loader.batch_sampler
+    return float(sampler.sample_rate) * int(sampler.num_samples)
+
+
 def make_private(model, optimizer, loader: DataLoader, cfg: Config, noise_multiplier: float, noise_gen=None):
-    """Opacus-wrap (model, optimizer): returns (dp_model, dp_optimizer, criterion or None)."""
+    """Opacus-wrap (model, optimizer): returns (dp_model, dp_optimizer, criterion or None).
+
+    The optimizer divides the noised sum of clipped gradients by the expected batch size q·n.
+    """
     from opacus import PrivacyEngine
 
     with warnings.catch_warnings():
@@ -47,9 +56,14 @@ def make_private(model, optimizer, loader: DataLoader, cfg: Config, noise_multip
         )
     if cfg.dp.grad_sample_mode == "ghost":
         dp_model, opt, criterion, _ = out
-        return dp_model, opt, criterion
-    dp_model, opt, _ = out
-    return dp_model, opt, None
+    else:
+        (dp_model, opt, _), criterion = out, None
+    # With poisson_sampling=False Opacus takes the rate from the loader's length, 1/int(1/q), and
+    # divides by int(n / int(1/q)): 30 instead of q·n = 16 for n = 30 and batch 16 (17 for n = 120).
+    # A Poisson batch holds q·n examples in expectation, so the noisy sum over q·n is the unbiased
+    # mean gradient; any other divisor rescales both the step and its noise.
+    opt.expected_batch_size = expected_batch_size(loader)
+    return dp_model, opt, criterion
 
 
 def dp_step(dp_model, opt, criterion, batch: dict[str, torch.Tensor], loss_fn: LossFn = batch_loss,
