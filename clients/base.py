@@ -25,15 +25,17 @@ if TYPE_CHECKING:
 class ClientRuntime:
     """Per-process state shared by every client this worker runs: config, tokenized task, the one base model.
 
-    `simulated` is true under `fedpeft simulate` only; with dp.noise_source = "auto" it picks seeded
-    DP noise there and OS entropy everywhere else, so it defaults to false (the private choice).
+    `simulated`: whether this runs under `fedpeft simulate`; with dp.noise_source = "auto" DP noise
+    is then seeded (reproducible), else drawn from OS entropy. The ClientApp's runtime always sets
+    it from the run config (`clients.runtime`); the default serves runtimes built by hand for
+    tests and benchmarks, which are simulations and stay reproducible.
     """
 
     cfg: Config
     task: PreparedTask
     model: "PeftModel"
     run_dir: str | None = None
-    simulated: bool = False
+    simulated: bool = True
 
 
 class Trainer(ABC):

@@ -217,4 +217,3 @@ def test_the_clientapp_runtime_is_simulated_only_under_fedpeft_simulate(task_dir
     if run_dir:  # what `fedpeft simulate` adds to the run config
         rc[RUN_DIR_KEY] = str(tmp_path / "run")
     assert runtime._runtime.__wrapped__(tuple(rc.items()), 1).simulated is simulated
-    assert ClientRuntime(load(SMOKE), None, None).simulated is False  # a runtime built by hand: the private default
