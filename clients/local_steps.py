@@ -110,7 +110,7 @@ class DPSteps:
                 yield batch
 
     def run(self) -> None:
-        """Take the planned DP-SGD steps (skipping empty draws, which are still accounted)."""
+        """Take the planned DP-SGD steps (an empty draw takes a noise-only step)."""
         t, ctx, cfg = self.trainer, self.ctx, self.trainer.rt.cfg
         # Refused before wrapping: raising after it would leave Opacus's hooks on the cached model.
         if cfg.dp.grad_sample_mode == "ghost" and type(t).loss is not type(t).base_loss:
@@ -128,7 +128,10 @@ class DPSteps:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 for batch in self.draws(self.plan.steps):
                     draws += 1
-                    if batch is None:  # an empty draw: nothing to clip; still accounted as a step
+                    if batch is None:  # an empty draw: a noise-only step, as accounted
+                        dpsgd.noise_step(opt, adjust=lambda: t.adjust_gradients(ctx))
+                        ctx.steps += 1
+                        t.after_step(ctx)
                         continue
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     ctx.loss_sum += dpsgd.dp_step(dp_model, opt, criterion, batch,

@@ -217,3 +217,21 @@ def test_the_clientapp_runtime_is_simulated_only_under_fedpeft_simulate(task_dir
     if run_dir:  # what `fedpeft simulate` adds to the run config
         rc[RUN_DIR_KEY] = str(tmp_path / "run")
     assert runtime._runtime.__wrapped__(tuple(rc.items()), 1).simulated is simulated
+
+
+def test_an_empty_poisson_draw_takes_a_noise_only_step():
+    """Skipping it would reveal in the adapter that the draw held no example; the accountant counts it as a step."""
+    from opacus.optimizers import DPOptimizer
+
+    from fedpeft.privacy import dpsgd
+
+    layer = torch.nn.Linear(200, 100)
+    before = [p.detach().clone() for p in layer.parameters()]
+    opt = DPOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5,
+                      expected_batch_size=4, generator=torch.Generator().manual_seed(3))
+    adjusted = []
+    dpsgd.noise_step(opt, adjust=lambda: adjusted.append(True))
+    step = torch.cat([(b - p.detach()).ravel() for b, p in zip(before, layer.parameters())])
+    # SGD at lr 1 moves by the noised gradient: N(0, (σC)²) / (q·n) = std 2·0.5/4 = 0.25 per coordinate.
+    assert abs(float(step.std()) - 0.25) < 0.01 and abs(float(step.mean())) < 0.01
+    assert adjusted == [True] and all(p.grad is None for p in layer.parameters())

@@ -86,6 +86,24 @@ def dp_step(dp_model, opt, criterion, batch: dict[str, torch.Tensor], loss_fn: L
     return float(loss.detach())
 
 
+def noise_step(opt, adjust: Callable[[], None] | None = None) -> None:
+    """The DP-SGD step of an empty Poisson draw: Gaussian noise alone, scaled like any step's noised sum.
+
+    Skipping the step instead would show in the released adapter that this draw held no example,
+    which depends on who is in the data; the accountant already counts the draw as a step.
+    """
+    from opacus.optimizers.optimizer import _generate_noise
+
+    for p in opt.params:
+        noise = _generate_noise(std=opt.noise_multiplier * opt.max_grad_norm, reference=p,
+                                generator=opt.generator, secure_mode=opt.secure_mode)
+        p.grad = noise.view_as(p) / opt.expected_batch_size
+    if adjust is not None:
+        adjust()
+    opt.original_optimizer.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def release(dp_model, params: list[torch.nn.Parameter]) -> None:
     """Remove Opacus's hooks and per-parameter attributes so the cached model is plain again."""
     dp_model._close()
