@@ -26,6 +26,7 @@ from fedpeft.codecs.endpoints import CODEC_RECORD, Codecs, DecodedUpdate, numpy_
 from fedpeft.codecs.merge import merge_updates
 from fedpeft.config import Config
 from fedpeft.nodes import NodeDirectory
+from fedpeft.privacy import ledger
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, num_examples, reply_metrics
 from fedpeft.seeding import derive_seed
 from strategies.registry import Capabilities, NoOptions
@@ -223,8 +224,6 @@ class AdapterStrategy(FedAvg):
         round-failed reply that carries ε (its client trained and spent it all the same), each
         tagged with its privacy-ledger status.
         """
-        from fedpeft.privacy import ledger
-
         valid, metrics, unused = [], [], []
         self.decoded = {}
         self.failure = None
