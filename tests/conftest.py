@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ SMOKE = ROOT / "simulations" / "smoke.toml"
 # The smallest real run: tiny model, 2 clients, 1 round of 1 local step, one Ray worker.
 TINY_RUN = ["sim.num_clients=2", "sim.clients_per_round=2", "sim.rounds=1", "train.local_steps=1",
             "train.batch_size=4", "output.checkpoint_every=0", "sim.num_cpus=1", "sim.eval_batch_size=16"]
+
+
+def kill_supernode(dep, pid: int) -> None:
+    """SIGKILL one SuperNode of a `LocalDeployment` by its PID; its children are noted first (stopped, it starts no more)."""
+    os.kill(pid, signal.SIGSTOP)
+    dep.procs.note_children()
+    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
 import signal
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kill_supernode
 from fedpeft.deploy.local import LocalDeployment
 from fedpeft.deploy.processes import pid_alive
 from fedpeft.deploy.run import app_dir
@@ -45,13 +45,6 @@ def _wait_for_log(log: Path, text: str, runner: threading.Thread, limit_s: float
     raise AssertionError(f"{log.name}: {text!r} not seen (run still going: {runner.is_alive()})")
 
 
-def _kill(dep: LocalDeployment, pid: int) -> None:
-    """SIGKILL one SuperNode by its PID; its children are noted first (stopped, it cannot start more)."""
-    os.kill(pid, signal.SIGSTOP)
-    dep.procs.note_children()
-    os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_killed_supernode_fails_its_round_and_is_sampled_again_after_it_comes_back(tmp_path):
     base = tmp_path.resolve()
@@ -70,7 +63,7 @@ def test_killed_supernode_fails_its_round_and_is_sampled_again_after_it_comes_ba
             # Round 1's message reached the victim: kill its SuperNode mid-round and start it again at once
             # (same client id and data file). Round 1 goes on without it.
             _wait_for_log(nodes[VICTIM].proc.log, RECEIVED, runner)
-            _kill(dep, nodes[VICTIM].proc.pid)
+            kill_supernode(dep, nodes[VICTIM].proc.pid)
             assert nodes[VICTIM].proc.proc.wait(30) == -signal.SIGKILL
             dep.start_node(VICTIM, shards[VICTIM], name=f"node-{VICTIM}-restarted")
             runner.join(900)

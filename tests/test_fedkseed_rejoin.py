@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
 import signal
 import threading
@@ -20,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.runtime import ClientRuntime
+from conftest import kill_supernode
 from clients.zeroth_order import HELD, ZerothOrderTrainer
 from fedpeft.data.builtin import generate
 from fedpeft.data.prepared import PreparedTask, tokenize
@@ -293,9 +293,7 @@ def test_supernode_killed_and_restarted_empty_rejoins_and_trains(tmp_path, monke
                     not log.is_file() or log.read_text(errors="replace").count(RECEIVED) < KILLED):
                 time.sleep(0.2)
             assert runner.is_alive(), "the run ended before the victim's round-3 message arrived"
-            os.kill(nodes[VICTIM].proc.pid, signal.SIGSTOP)  # stopped, it cannot start more children
-            dep.procs.note_children()
-            os.kill(nodes[VICTIM].proc.pid, signal.SIGKILL)
+            kill_supernode(dep, nodes[VICTIM].proc.pid)
             assert nodes[VICTIM].proc.proc.wait(30) == -signal.SIGKILL
             dep.start_node(VICTIM, shards[VICTIM], name="node-restarted", env=machine("node-restarted"))
             runner.join(1500)
