@@ -16,6 +16,7 @@ from flwr.app import Message
 
 from fedpeft.config import TrainConfig
 from fedpeft.data.prepared import train_batches
+from fedpeft.precision import compute
 from fedpeft.privacy import dpsgd, noise, sample_level
 from fedpeft.seeding import rng
 
@@ -64,8 +65,10 @@ class PlainSteps:
         """Take every local step."""
         t, ctx, clip = self.trainer, self.ctx, self.trainer.rt.cfg.train.max_grad_norm
         device = next(self.model.parameters()).device
+        precision = self.trainer.rt.cfg.train.precision
         for batch in self.batches_:
-            loss = t.loss(ctx, self.model, {k: v.to(device) for k, v in batch.items()})
+            with compute(precision, device):  # the forward only: gradients and the step stay fp32
+                loss = t.loss(ctx, self.model, {k: v.to(device) for k, v in batch.items()})
             loss.backward()
             t.adjust_gradients(ctx)
             if clip > 0:
@@ -122,6 +125,11 @@ class DPSteps:
             self.noise_gen)
         dp_model.train()
         draws = 0
+
+        def forward_loss(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            with compute(cfg.train.precision, self.device):
+                return t.loss(ctx, m, b)
+
         try:
             with warnings.catch_warnings():
                 # Opacus's hooks over a frozen base model: harmless "Full backward hook is firing" warnings.
@@ -135,7 +143,7 @@ class DPSteps:
                         continue
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     ctx.loss_sum += dpsgd.dp_step(dp_model, opt, criterion, batch,
-                                                  loss_fn=lambda m, b: t.loss(ctx, m, b),
+                                                  loss_fn=forward_loss,
                                                   adjust=lambda: t.adjust_gradients(ctx))
                     ctx.steps += 1
                     t.after_step(ctx)

@@ -31,6 +31,7 @@ from clients.registry import register_trainer
 from clients.rows import FlippedLabels
 from fedpeft.causal_lm import batch_loss
 from fedpeft.data.prepared import train_batches
+from fedpeft.precision import compute
 from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import rng
 from fedpeft.state import ClientStateStore
@@ -144,7 +145,7 @@ class ZerothOrderTrainer(Trainer):
             ds, cfg.train.batch_size, rng(cfg.sim.seed, server_round, cid, "batches"), task.pad_token_id,
             steps=cfg.train.local_steps if cfg.train.local_epochs == 0 else 0, epochs=cfg.train.local_epochs,
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), compute(cfg.train.precision, device):
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 i = int(picks.choice(self.k, p=p))

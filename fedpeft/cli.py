@@ -77,6 +77,8 @@ def simulate(
     from fedpeft.config import ConfigError
     from fedpeft.recipe import load
     from fedpeft.resume import ResumeError
+    from fedpeft.models import device_for, model_label
+    from fedpeft.precision import resolve as resolve_precision
 
     try:
         if resume is not None:
@@ -91,8 +93,10 @@ def simulate(
         exit_expected(err)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.name}: method [cyan]{cfg.method.name}[/cyan], adapter [cyan]{cfg.adapter.type}[/cyan], "
-        f"model {cfg.model.source}{' causal LM' if cfg.model.kind == 'causal-lm' else ''}, {cfg.sim.num_clients} clients, {cfg.sim.clients_per_round}/round, {cfg.sim.rounds} rounds"
+        f"model {model_label(cfg.model)}{' causal LM' if cfg.model.kind == 'causal-lm' else ''}, {cfg.sim.num_clients} clients, {cfg.sim.clients_per_round}/round, {cfg.sim.rounds} rounds"
     )
+    precision, why = resolve_precision(cfg.train.precision, device_for(cfg))
+    console.print(f"compute precision [cyan]{precision}[/cyan] ({why}); adapters, optimizer state and uploads stay fp32")
     if cfg.dp.enabled or cfg.dp.user.enabled:
         from fedpeft.cli_display import privacy_header
 
@@ -304,12 +308,12 @@ def deploy_key(
 @app.command()
 @guarded
 def info() -> None:
-    """Print versions and whether the embedded model is available."""
+    """Print versions, whether the embedded models are available, and the CPU's bf16 units."""
     set_offline_env()
     from importlib.metadata import PackageNotFoundError, version
 
     table = Table(title="fedpeft environment", show_header=False)
-    for pkg in ("fedpeft", "flwr", "ray", "torch", "transformers", "peft", "opacus", "datasets", "flwr-datasets"):
+    for pkg in ("fedpeft", "flwr", "ray", "torch", "transformers", "peft", "opacus", "datasets", "flwr-datasets", "gguf"):
         try:
             table.add_row(pkg, version(pkg))
         except PackageNotFoundError:
@@ -322,6 +326,15 @@ def info() -> None:
         table.add_row("embedded model", f"{'[green]available[/green]' if ok else '[red]incomplete[/red]'} ({path})")
     except ModelLoadError as err:
         table.add_row("embedded model", f"[red]missing[/red]: {err}")
+    from fedpeft import gguf
+    from fedpeft.precision import cpu_bf16_units
+
+    try:
+        table.add_row("embedded causal LM", f"[green]available[/green] ({gguf.smollm2_file()}); dequantized cache: "
+                      f"{gguf.cache_root() / 'gguf'}")
+    except gguf.GGUFError as err:
+        table.add_row("embedded causal LM", f"[red]missing[/red]: {err}")
+    table.add_row("CPU bf16 units", cpu_bf16_units() or "none (train.precision = 'auto' stays fp32 on the CPU)")
     from strategies import available_methods
 
     table.add_row("methods", ", ".join(available_methods()))

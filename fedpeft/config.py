@@ -38,14 +38,17 @@ class ModelConfig(_Section):
 
     kind: Literal["classifier", "causal-lm"] = Field(
         "classifier", description="classifier: text -> label; causal-lm: instruction -> generated response")
-    source: Literal["embedded", "local", "hub", "tiny"] = "embedded"
-    path: str = Field("", description="local directory (source=local) or hub id (source=hub)")
+    source: Literal["embedded", "local", "hub", "gguf", "tiny"] = "embedded"
+    embedded: Literal["auto", "minilm", "smollm2"] = Field(
+        "auto", description="source=embedded: which packaged model; auto = MiniLM-L6 for classifier, "
+        "SmolLM2-135M-Instruct for causal-lm")
+    path: str = Field("", description="local directory (source=local), hub id (source=hub) or a .gguf file (source=gguf)")
     max_length: int = Field(48, gt=0, le=4096, description="tokens per example (prompt + response for causal-lm)")
     tiny: TinyModelConfig = TinyModelConfig()
 
     @model_validator(mode="after")
     def _path_needed(self) -> "ModelConfig":
-        if self.source in ("local", "hub") and not self.path:
+        if self.source in ("local", "hub", "gguf") and not self.path:
             raise ValueError(f"model.path is required when model.source = '{self.source}'")
         return self
 
@@ -128,6 +131,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(0.0, ge=0.0, description="0 disables gradient clipping")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="compute precision of local training, evaluation and generation (weights, adapters, "
+        "optimizer state and wire stay fp32); auto = bf16 where the hardware runs it fast")
 
     @model_validator(mode="after")
     def _some_work(self) -> "TrainConfig":

@@ -12,6 +12,7 @@ from fedpeft.causal_lm import generation_scores, held_out_loss
 from fedpeft.config import Config, ModelConfig
 from fedpeft.data.prepared import PreparedTask, eval_batches
 from fedpeft.models import load_tokenizer
+from fedpeft.precision import model_compute
 from fedpeft.scores import PRIMARY_BY_KIND
 
 
@@ -59,10 +60,11 @@ def tokenizer_for(cfg: Config):
 
 def local_score(model: torch.nn.Module, ds: Dataset, cfg: Config, task: PreparedTask) -> float:
     """The task's primary metric of `model` on a client's own examples (accuracy, or Rouge-L of generations)."""
-    if task.kind == "classifier":
-        return evaluate(model, ds, cfg.sim.eval_batch_size, task.pad_token_id)["accuracy"]
-    scores, _ = generation_scores(model, ds, tokenizer_for(cfg), len(ds), cfg.sim.eval_batch_size,
-                                  cfg.eval.max_new_tokens, task.pad_token_id, task.eos_token_id)
+    with model_compute(cfg.train.precision, model):
+        if task.kind == "classifier":
+            return evaluate(model, ds, cfg.sim.eval_batch_size, task.pad_token_id)["accuracy"]
+        scores, _ = generation_scores(model, ds, tokenizer_for(cfg), len(ds), cfg.sim.eval_batch_size,
+                                      cfg.eval.max_new_tokens, task.pad_token_id, task.eos_token_id)
     return scores["rouge_l"]
 
 
@@ -83,6 +85,10 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module, server_round: int) -> dict[str, float]:
         """Metrics of `model` after `server_round` (generation scores only on generation rounds)."""
+        with model_compute(self.cfg.train.precision, model):
+            return self._scores(model, server_round)
+
+    def _scores(self, model: torch.nn.Module, server_round: int) -> dict[str, float]:
         cfg, task = self.cfg, self.task
         if task.kind == "classifier":
             return evaluate(model, task.test, cfg.sim.eval_batch_size, task.pad_token_id)

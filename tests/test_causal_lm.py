@@ -95,8 +95,8 @@ def test_scores_rouge_l_and_exact_match():
     assert normalize_answer("  Tuesday. ") == "tuesday"
 
 
-def test_embedded_decoder_trains_its_untrained_head_transform_with_the_adapter():
-    model = build_model(validate({"model": {"kind": "causal-lm"}}), 0)
+def test_minilm_decoder_trains_its_untrained_head_transform_with_the_adapter():
+    model = build_model(validate({"model": {"kind": "causal-lm", "embedded": "minilm"}}), 0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n and "query" in n for n in trainable)
     assert any("predictions.transform" in n and "dense" in n for n in trainable)
