@@ -1,23 +1,26 @@
-"""Causal-LM instruction tuning: LoRA FedAvg against exact LoRA, FFA-LoRA, compressed uploads and FedKSeed.
+"""The FedKSeed paper's question on a real LLM: LoRA FedAvg against exact LoRA, FFA-LoRA, top-k uploads, DP-SGD and FedKSeed.
 
-Every run uses the embedded causal default (MiniLM-L6 as a decoder), the built-in instruction task,
+Every run uses the embedded causal default (SmolLM2-135M-Instruct), the built-in instruction task,
 the same 100 clients, sampling (10 per round) and rounds as `simulations/llm-default.toml`:
 
     fedavg            FedAvg over LoRA r=8 (llm-default.toml)
     lora-exact        exact LoRA aggregation (SVD of the mean B·A)
     ffa-lora          FFA-LoRA (A frozen, only B trained and sent)
     codec-topk        top-10 % uploads with error feedback (llm-codec-topk.toml)
-    fedkseed-full     FedKSeed over every weight (llm-fedkseed.toml), at the same local steps
-    fedkseed-adapter  FedKSeed over the LoRA adapter
-    fedkseed-full-eq  FedKSeed over every weight at FedAvg's client compute: local steps scaled by the
+    dp-sgd            sample-level DP-SGD through Opacus (llm-dp.toml)
+    fedkseed-1024     FedKSeed over every weight, K = 1024 candidate seeds (llm-fedkseed.toml)
+    fedkseed-4096     the same with K = 4096
+    fedkseed-pro      FedKSeed-Pro (seed probabilities from their scalar gradients), K = 1024
+    fedkseed-eq       FedKSeed over every weight at FedAvg's client compute: local steps scaled by the
                       measured ratio of a first-order LoRA step's wall time to a FedKSeed step's
-                      (timed alternately on the same batches; <out>/calibration.json)
+                      (timed alternately; <out>/calibration.json)
 
     python benchmarks/llm_compare.py                 # all
     python benchmarks/llm_compare.py --only fedavg   # some
     python benchmarks/llm_compare.py --table         # the table of what has finished
 
-Each finished run is stored as <out>/<key>.json; the table is assembled from whatever has finished.
+Round 0 scores the pretrained model before any training (the zero-shot row of every run). Each
+finished run is stored as <out>/<key>.json; the table is assembled from whatever has finished.
 """
 
 from __future__ import annotations
@@ -37,22 +40,27 @@ RUNS = {  # key: (label, recipe, overrides)
                                                                   'method.lora_aggregation="exact"']),
     "ffa-lora": ("FFA-LoRA", "llm-default.toml", ['method.name="ffa-lora"']),
     "codec-topk": ("FedAvg, top-10 % uploads + error feedback", "llm-codec-topk.toml", []),
-    "fedkseed-full": ("FedKSeed, every weight", "llm-fedkseed.toml", []),
-    "fedkseed-adapter": ("FedKSeed, LoRA adapter", "llm-fedkseed.toml", ['method.scope="adapter"',
-                                                                          "train.lr=0.001"]),
-    "fedkseed-full-eq": ("FedKSeed, every weight, FedAvg's client compute", "llm-fedkseed.toml", []),
+    "dp-sgd": ("FedAvg + DP-SGD (Opacus)", "llm-dp.toml", []),
+    "fedkseed-1024": ("FedKSeed, every weight, K=1024", "llm-fedkseed.toml", ["method.num_seeds=1024"]),
+    "fedkseed-4096": ("FedKSeed, every weight, K=4096", "llm-fedkseed.toml", ["method.num_seeds=4096"]),
+    "fedkseed-pro": ("FedKSeed-Pro, every weight, K=1024", "llm-fedkseed.toml", ['method.name="fedkseed-pro"',
+                                                                                "method.num_seeds=1024"]),
+    "fedkseed-eq": ("FedKSeed, every weight, K=1024, FedAvg's client compute", "llm-fedkseed.toml",
+                    ["method.num_seeds=1024"]),
 }
 
 
-def client_bytes(run_dir: Path) -> tuple[float, int]:
-    """Mean and largest bytes one client sends + receives in one round (from comm.csv)."""
+def client_bytes(run_dir: Path) -> tuple[float, int, int]:
+    """Bytes one client sends + receives: mean per round, largest per round, largest over the whole run (comm.csv)."""
     per: dict[tuple[int, int], int] = defaultdict(int)
+    whole: dict[int, int] = defaultdict(int)
     with (run_dir / "comm.csv").open() as f:
         for row in csv.DictReader(f):
             if int(row["round"]) > 0 and int(row["client_id"]) >= 0:
                 per[(int(row["round"]), int(row["client_id"]))] += int(row["bytes"])
+                whole[int(row["client_id"])] += int(row["bytes"])
     values = list(per.values()) or [0]
-    return sum(values) / len(values), max(values)
+    return sum(values) / len(values), max(values), max(whole.values(), default=0)
 
 
 def mean_train_s(rows: list[dict]) -> float:
@@ -128,19 +136,21 @@ def run(key: str, out: Path, extra: list[str]) -> dict:
     label, recipe, own = RUNS[key]
     overrides = [*own, f'output.dir="{out / "runs"}"', f'name="{key}"', *extra]
     cfg = load(ROOT / "simulations" / recipe, overrides)
-    if key == "fedkseed-full-eq":
+    if key == "fedkseed-eq":
         overrides.append(f"train.local_steps={equal_compute_steps(out, cfg.train.local_steps)}")
         cfg = load(ROOT / "simulations" / recipe, overrides)
     summary = simulate(cfg)
     run_dir = Path(summary["run_dir"])
     rows = RunDir(run_dir).metrics()
-    mean_b, max_b = client_bytes(run_dir)
+    mean_b, max_b, run_b = client_bytes(run_dir)
     scored = [r for r in rows if "rouge_l" in r]
+    mc = [(r["round"], r["mc_accuracy"]) for r in rows if "mc_accuracy" in r]
     result = {"key": key, "label": label, "recipe": f"simulations/{recipe}", "overrides": overrides,
               "local_steps": cfg.train.local_steps, "rouge_l": [(r["round"], r["rouge_l"]) for r in scored],
-              "exact_match": scored[-1]["exact_match"], "loss": [r["loss"] for r in rows],
+              "exact_match": [(r["round"], r["exact_match"]) for r in scored], "mc_accuracy": mc,
+              "loss": [r["loss"] for r in rows],
               "bytes_total": summary["bytes_total"], "client_round_bytes_mean": mean_b,
-              "client_round_bytes_max": max_b, "client_train_s": mean_train_s(rows), "wall_s": summary["wall_s"],
+              "client_round_bytes_max": max_b, "client_run_bytes_max": run_b, "client_train_s": mean_train_s(rows), "wall_s": summary["wall_s"],
               "generation_share": summary.get("generation_share"), "run_dir": str(run_dir)}
     (out / f"{key}.json").write_text(json.dumps(result, indent=1))
     return result
@@ -150,20 +160,25 @@ def _size(b: float) -> str:
     return f"{b / 1e6:,.2f} MB" if b >= 1e6 else f"{b / 1e3:,.1f} KB"
 
 
+def _pair(series: list) -> str:
+    """'first → last' of a [(round, value)] series, or '-' when the run did not score it."""
+    return f"{series[0][1]:.3f} → {series[-1][1]:.3f}" if series else "-"
+
+
 def table(out: Path) -> str:
-    """Markdown table of every finished run."""
+    """Markdown table of every finished run: zero-shot (round 0) → final scores, bytes, client compute."""
     done = [json.loads((out / f"{k}.json").read_text()) for k in RUNS if (out / f"{k}.json").is_file()]
     if not done:
         return f"no finished runs in {out}"
-    rounds = [r for r, _ in done[0]["rouge_l"]]
-    lines = [f"| method | local steps | Rouge-L at round {' / '.join(map(str, rounds))} | exact match | "
-             "response loss (final) | per client per round | total | client training per round | wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | local steps | Rouge-L | exact match | MC accuracy | response loss | per client per round "
+             "| per client, whole run (max) | total | client training per round | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in done:
-        rouge = " / ".join(f"{v:.3f}" for _, v in r["rouge_l"])
-        lines.append(f"| {r['label']} | {r['local_steps']} | {rouge} | {r['exact_match']:.3f} | {r['loss'][-1]:.3f} | "
-                     f"{_size(r['client_round_bytes_mean'])} | {_size(r['bytes_total'])} | "
-                     f"{r['client_train_s']:.2f} s | {r['wall_s']:.0f} s |")
+        em = r["exact_match"] if isinstance(r["exact_match"], list) else [(0, r["exact_match"])]
+        lines.append(f"| {r['label']} | {r['local_steps']} | {_pair(r['rouge_l'])} | {_pair(em)} | "
+                     f"{_pair(r.get('mc_accuracy', []))} | {r['loss'][0]:.3f} → {r['loss'][-1]:.3f} | "
+                     f"{_size(r['client_round_bytes_mean'])} | {_size(r.get('client_run_bytes_max', 0))} | "
+                     f"{_size(r['bytes_total'])} | {r['client_train_s']:.2f} s | {r['wall_s']:.0f} s |")
     return "\n".join(lines)
 
 
