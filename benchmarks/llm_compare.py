@@ -70,7 +70,7 @@ def mean_train_s(rows: list[dict]) -> float:
 
 
 def step_seconds(repeats: int = 6) -> tuple[float, float]:
-    """Median wall seconds of one first-order LoRA step and one FedKSeed step over every weight.
+    """Median wall seconds of one first-order LoRA step (llm-default) and one FedKSeed step over every weight (llm-fedkseed).
 
     The two are timed alternately on the same batches, so a machine whose load drifts slows
     both alike; their ratio is what equal client compute needs.
@@ -86,7 +86,7 @@ def step_seconds(repeats: int = 6) -> tuple[float, float]:
     from fedpeft.data.prepared import prepare, train_batches
     from fedpeft.models import build_model
     from fedpeft.recipe import load
-    from fedpeft.zo import perturb, tuned_parameters
+    from fedpeft.zo import ZOStepper, tuned_parameters
 
     cfg = load(ROOT / "simulations" / "llm-default.toml", ["sim.num_clients=1", "sim.clients_per_round=1",
                                                            "partition.type=iid"])
@@ -94,7 +94,11 @@ def step_seconds(repeats: int = 6) -> tuple[float, float]:
     model = build_model(cfg, 0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    zo_cfg = load(ROOT / "simulations" / "llm-fedkseed.toml", [])
     every = tuned_parameters(model, "full")
+    stepper = ZOStepper(every, zo_cfg.method.options()["direction"])
+    zo_batches = list(train_batches(task.train, zo_cfg.train.batch_size, np.random.default_rng(1),
+                                    task.pad_token_id, steps=repeats + 1))
     batches = list(train_batches(task.train, cfg.train.batch_size, np.random.default_rng(0), task.pad_token_id,
                                  steps=repeats + 1))
     fo, zo = [], []
@@ -107,13 +111,10 @@ def step_seconds(repeats: int = 6) -> tuple[float, float]:
         fo.append(time.perf_counter() - t)
         t = time.perf_counter()
         model.eval()
-        with torch.inference_mode():
-            perturb(every, i, 1e-3)
-            plus = float(batch_loss(model, b))
-            perturb(every, i, -2e-3)
-            minus = float(batch_loss(model, b))
-            perturb(every, i, 1e-3 - 1e-5 * (plus - minus) / 2e-3)
+        with torch.inference_mode():  # the clients' own step, at FedKSeed's batch size
+            stepper.step(i, 1e-3, 1e-9, lambda zb=zo_batches[i]: batch_loss(model, zb))
         zo.append(time.perf_counter() - t)
+    stepper.discard()
     return statistics.median(fo[1:]), statistics.median(zo[1:])  # the first of each warms caches up
 
 

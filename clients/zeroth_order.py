@@ -18,6 +18,7 @@ refuse exactly the same.
 from __future__ import annotations
 
 import time
+from functools import partial
 from logging import WARNING
 
 import numpy as np
@@ -35,7 +36,7 @@ from fedpeft.precision import compute
 from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import rng
 from fedpeft.state import ClientStateStore
-from fedpeft.zo import pack_scalars, perturb, pro_probabilities, replay, seed_pool, tuned_parameters
+from fedpeft.zo import ZOStepper, pack_scalars, pro_probabilities, replay, seed_pool, tuned_parameters
 from strategies.fedkseed_wire import (
     FROM_ROUND, HISTORY, HOLDS_ROUND, SCALARS, SCALARS_RECORD, Round, unpack_history,
 )
@@ -82,6 +83,7 @@ class ZerothOrderTrainer(Trainer):
         self.pool = seed_pool(rt.cfg.sim.seed, self.k)
         self.params = tuned_parameters(rt.model, self.opts.scope)
         self.snapshot = [torch.empty_like(p) for p in self.params]  # allocated once per worker
+        self.directions = ZOStepper.new_buffer(self.params)  # z of the current step, one value per tuned weight
         self.applied = 0  # the worker's model holds the aggregates of rounds 1..applied
         self.seed_history: list[list[float]] = [[0.0] for _ in range(self.k)]  # FedKSeed-Pro statistics
 
@@ -145,19 +147,17 @@ class ZerothOrderTrainer(Trainer):
             ds, cfg.train.batch_size, rng(cfg.sim.seed, server_round, cid, "batches"), task.pad_token_id,
             steps=cfg.train.local_steps if cfg.train.local_epochs == 0 else 0, epochs=cfg.train.local_epochs,
         )
+        # Each step: +eps z, forward, -2 eps z, forward, +(eps - lr g) z (restore and step at once), z generated
+        # once per step; the last add is deferred into the next step's first pass (`ZOStepper`).
+        stepper = ZOStepper(self.params, self.opts.direction, buffer=self.directions)
         with torch.inference_mode(), compute(cfg.train.precision, device):
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 i = int(picks.choice(self.k, p=p))
-                seed = int(self.pool[i])
-                perturb(self.params, seed, eps, self.opts.direction)
-                plus = float(batch_loss(model, batch))
-                perturb(self.params, seed, -2 * eps, self.opts.direction)
-                minus = float(batch_loss(model, batch))
-                g = (plus - minus) / (2 * eps)
-                perturb(self.params, seed, eps - lr * g, self.opts.direction)  # restore and step at once
+                plus, minus, g = stepper.step(int(self.pool[i]), eps, lr, partial(batch_loss, model, batch))
                 acc[i] += g
                 losses.append((plus + minus) / 2)
+        stepper.discard()  # the last step's update is not needed: the snapshot restores the global model
         for p_, s in zip(self.params, self.snapshot):
             p_.copy_(s)
         idx = np.flatnonzero(acc)

@@ -16,10 +16,14 @@ from clients.runtime import ClientRuntime
 from clients.zeroth_order import ZerothOrderTrainer, catch_up
 from fedpeft.recipe import validate
 from fedpeft.data.builtin import generate
-from fedpeft.data.prepared import PreparedTask, eval_batches, tokenize
+from fedpeft.data.prepared import PreparedTask, eval_batches, tokenize, train_batches
 from fedpeft.models import build_model, load_tokenizer
 from fedpeft.nodes import NodeDirectory
-from fedpeft.zo import PackError, direction_vector, pack_scalars, perturb, pro_probabilities, tuned_parameters, unpack_scalars
+from fedpeft.seeding import rng
+from fedpeft.zo import (
+    PackError, ZOStepper, direction_vector, pack_scalars, perturb, pro_probabilities, replay, seed_pool,
+    tuned_parameters, unpack_scalars,
+)
 from strategies.fedkseed import FedKSeed
 
 K = 64
@@ -112,6 +116,53 @@ def test_directions_are_reproducible_and_thread_independent():
     assert abs(float(a.std()) - 1) < 0.01
 
 
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stepper_is_bit_identical_to_three_perturbs_per_step(direction, threads):
+    # The client's steps (z generated once per step into a buffer, the restore-and-update add
+    # deferred into the next step's pass) must leave the same bits, and see the same losses, as
+    # +eps z, -2 eps z, +(eps - lr g) z made by `perturb`. Sizes span chunk boundaries and a ragged tail.
+    def params():
+        gen = torch.Generator().manual_seed(3)
+        return [torch.randn(3000, 700, generator=gen), torch.randn(5, generator=gen),
+                torch.randn(1 << 20, generator=gen), torch.randn(333, 3, generator=gen)]
+
+    def loss(ps) -> float:
+        return float(sum(p.sum() * 1e-3 for p in ps) + ps[1].square().sum())
+
+    ref, mine = params(), params()
+    stepper = ZOStepper(mine, direction, threads=threads)
+    eps, lr = 1e-2, 0.1
+    with torch.inference_mode():
+        for seed in (11, 12, 11, 40):
+            perturb(ref, seed, eps, direction)
+            plus = loss(ref)
+            perturb(ref, seed, -2 * eps, direction)
+            minus = loss(ref)
+            g = (plus - minus) / (2 * eps)
+            perturb(ref, seed, eps - lr * g, direction)
+            assert stepper.step(seed, eps, lr, lambda: loss(mine)) == (plus, minus, g)
+        stepper.flush()
+    for a, b in zip(ref, mine):
+        assert torch.equal(a, b)
+    assert stepper.buffer.numel() == sum(p.numel() for p in mine)
+    again = ZOStepper(mine, direction, threads=threads, buffer=stepper.buffer)
+    assert again.buffer is stepper.buffer  # reused, not reallocated
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+def test_replay_is_bit_identical_to_one_perturb_per_seed(direction):
+    gen = torch.Generator().manual_seed(4)
+    ref = [torch.randn(3000, 700, generator=gen), torch.randn(5, generator=gen), torch.randn(333, 3, generator=gen)]
+    mine = [p.clone() for p in ref]
+    pool, lr = np.arange(100, 100 + K), 0.05
+    entries = [(3, 0.5), (7, -1.25), (3, 2.0), (60, 1e-3)]
+    for idx, g in entries:
+        perturb(ref, int(pool[idx]), -lr * g, direction)
+    replay(mine, pool, entries, lr, direction)
+    assert all(torch.equal(a, b) for a, b in zip(ref, mine))
+
+
 def test_zo_estimate_points_along_the_true_gradient(task):
     cfg = _cfg()
     model = build_model(cfg, 6)
@@ -195,6 +246,39 @@ def test_zo_rounds_lower_the_loss(task, tmp_path):
                                    for m in msgs])
     assert loss() < before - 0.01
     assert server.confirmed == {0: 3, 1: 3}
+
+
+@pytest.mark.parametrize("scope", ["adapter", "full"])
+def test_client_scalars_match_the_three_perturb_loop(task, tmp_path, scope):
+    # The client's reply is what a loop of +eps z, forward, -2 eps z, forward, +(eps - lr g) z
+    # gives, bit for bit, and its model is back at the global model afterwards.
+    cfg = _cfg(scope=scope)
+    cfg.train.local_steps = 8
+    trainer = ZerothOrderTrainer(ClientRuntime(cfg, task, build_model(cfg, 6), str(tmp_path)))
+    start = [p.clone() for p in trainer.params]
+    (msg,) = [m for m in _server(cfg).configure_train(1, ArrayRecord(), ConfigRecord(), Grid([11, 12]))
+              if m.metadata.dst_node_id == 11]
+    got_idx, got_val = unpack_scalars(trainer.train(msg, 0)["zo"]["scalars"], K)
+    assert all(torch.equal(a, b) for a, b in zip(start, trainer.params))
+
+    model = build_model(cfg, 6).eval()
+    params = tuned_parameters(model, scope)
+    picks, pool = rng(cfg.sim.seed, 1, 0, "zo-seeds"), seed_pool(cfg.sim.seed, K)
+    acc = np.zeros(K)
+    eps, lr = trainer.opts.eps, cfg.train.lr
+    with torch.inference_mode():
+        for batch in train_batches(task.client_dataset(0), cfg.train.batch_size, rng(cfg.sim.seed, 1, 0, "batches"),
+                                   task.pad_token_id, steps=cfg.train.local_steps):
+            i = int(picks.choice(K))
+            perturb(params, int(pool[i]), eps)
+            plus = float(model(**batch).loss)
+            perturb(params, int(pool[i]), -2 * eps)
+            minus = float(model(**batch).loss)
+            g = (plus - minus) / (2 * eps)
+            perturb(params, int(pool[i]), eps - lr * g)
+            acc[i] += g
+    idx = np.flatnonzero(acc)
+    assert got_idx.tolist() == idx.tolist() and got_val.tolist() == acc[idx].astype(np.float32).tolist()
 
 
 def test_pro_probabilities_match_the_formula():
