@@ -10,10 +10,13 @@ from datasets import Dataset
 
 from fedpeft.causal_lm import generation_scores, held_out_loss
 from fedpeft.config import Config, ModelConfig
+from fedpeft.data.choices import load_questions
 from fedpeft.data.prepared import PreparedTask, eval_batches
 from fedpeft.models import load_tokenizer
+from fedpeft.multiple_choice import multiple_choice_scores
 from fedpeft.precision import model_compute
 from fedpeft.scores import PRIMARY_BY_KIND
+from fedpeft.seeding import derive_seed
 
 
 @torch.inference_mode()
@@ -69,12 +72,18 @@ def local_score(model: torch.nn.Module, ds: Dataset, cfg: Config, task: Prepared
 
 
 class Evaluator:
-    """The run's per-round evaluation: accuracy and loss, or response loss, perplexity and (some rounds) generation."""
+    """The run's per-round evaluation: accuracy and loss, or response loss, perplexity and (some rounds) generation
+    and multiple-choice scores."""
 
     def __init__(self, cfg: Config, task: PreparedTask) -> None:
         self.cfg, self.task = cfg, task
         self.primary = PRIMARY_BY_KIND[task.kind]
         self.samples: list[dict[str, Any]] = []  # the last generation round's outputs
+        self.first_samples: list[dict[str, Any]] = []  # the first generation round's (round 0 unless resumed)
+        # Loaded now, so a bad eval.multiple_choice file stops the run before any round.
+        spec = cfg.eval.multiple_choice if task.kind == "causal-lm" else ""
+        self.questions = (load_questions(spec, cfg.eval.multiple_choice_examples,
+                                         derive_seed(cfg.sim.seed, "multiple-choice")) if spec else [])
 
     def generates_at(self, server_round: int) -> bool:
         """Whether this round is scored by generation (causal-lm: round 0, every `generate_every`, the last)."""
@@ -97,5 +106,9 @@ class Evaluator:
             scores, self.samples = generation_scores(
                 model, task.test, tokenizer_for(cfg), cfg.eval.generate_examples, cfg.sim.eval_batch_size,
                 cfg.eval.max_new_tokens, task.pad_token_id, task.eos_token_id)
+            self.first_samples = self.first_samples or self.samples
             out.update(scores)
+            if self.questions:  # mc_accuracy, mc_accuracy_norm and their time mc_s
+                out.update(multiple_choice_scores(model, tokenizer_for(cfg), self.questions,
+                                                  cfg.sim.eval_batch_size, cfg.data.template))
         return out

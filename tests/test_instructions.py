@@ -92,7 +92,8 @@ def test_builtin_category_subset_and_unknown_category():
 
 
 def test_load_instructions_builtin_uses_the_config():
-    cfg = DataConfig(builtin=BuiltinDataConfig(num_train=60, num_test=12, categories=["successor", "last-word"]))
+    cfg = DataConfig(builtin=BuiltinDataConfig(task="words", num_train=60, num_test=12,
+                                               categories=["successor", "last-word"]))
     raw = load_instructions(cfg, seed=5)
     assert len(raw.train) == 60 and len(raw.test) == 12
     assert set(raw.train["category"]) == {"successor", "last-word"}

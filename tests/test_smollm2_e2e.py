@@ -17,7 +17,7 @@ from fedpeft.simulation import simulate
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["sim.num_clients=4", "sim.clients_per_round=2", "sim.rounds=1", "sim.num_cpus=2", "train.local_steps=2",
          "train.batch_size=2", "model.max_length=48", "data.builtin.num_train=64", "data.builtin.num_test=8",
-         "eval.generate_examples=4", "eval.max_new_tokens=6", "partition.type=iid", "output.checkpoint_every=1"]
+         "eval.generate_examples=4", "eval.max_new_tokens=6", "eval.multiple_choice_examples=8", "partition.type=iid", "output.checkpoint_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_one_round_of_smollm2_through_flower_and_ray(smollm2_run):
     # A real pretrained LLM: its response loss on the task starts far below a random model's ln(49152) = 10.8.
     assert rows[0]["loss"] < 6.0
     assert rows[1]["loss"] < rows[0]["loss"]
-    assert 0.0 <= rows[1]["rouge_l"] <= 1.0
+    assert 0.0 <= rows[1]["rouge_l"] <= 1.0 and 0.0 <= rows[1]["mc_accuracy"] <= 1.0
     # LoRA r=8 on q_proj and v_proj of 30 layers: 30 x (8 x 576 + 576 x 8 + 8 x 576 + 192 x 8) fp32 values.
     assert rows[1]["bytes_up"] > 2 * 4 * 30 * (3 * 8 * 576 + 8 * 192)
 

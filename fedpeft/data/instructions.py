@@ -16,11 +16,13 @@ import numpy as np
 from datasets import Dataset, Features, Value
 
 from fedpeft.config import DataConfig
-from fedpeft.data import builtin_instructions
+from fedpeft.data import builtin_instructions, builtin_skills
 from fedpeft.data.sources import DataError, first_split, heldout_split, holdout, label_key, load_splits
 from fedpeft.seeding import derive_seed
 
 FIELDS = ("instruction", "input", "output")
+# data.builtin.task -> its generator module (each with its own CATEGORIES and generate()).
+BUILTIN_TASKS = {"skills": builtin_skills, "words": builtin_instructions}
 # Column names tried in order when the recipe does not name the column.
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "prompt", "question"),
@@ -41,11 +43,10 @@ def load_instructions(cfg: DataConfig, seed: int) -> RawInstructions:
     """Load the configured data as instruction / input / output splits."""
     if cfg.source == "builtin":
         b = cfg.builtin
-        cats = list(b.categories) or None
-        train = builtin_instructions.generate(b.num_train, derive_seed(seed, "builtin-train"), cats,
-                                              b.num_domains, b.negation_rate)
-        test = builtin_instructions.generate(b.num_test, derive_seed(seed, "builtin-test"), cats,
-                                             b.num_domains, b.negation_rate)
+        cats = _builtin_categories(b.task, list(b.categories)) or None
+        generate = BUILTIN_TASKS[b.task].generate
+        train = generate(b.num_train, derive_seed(seed, "builtin-train"), cats, b.num_domains, b.negation_rate)
+        test = generate(b.num_test, derive_seed(seed, "builtin-test"), cats, b.num_domains, b.negation_rate)
         return RawInstructions(train, test)
     splits = load_splits(cfg)
     # Checked before any split so that row numbers in errors are the file's.
@@ -53,6 +54,18 @@ def load_instructions(cfg: DataConfig, seed: int) -> RawInstructions:
     test = heldout_split(splits)
     train, test = holdout(train, None if test is None else standardize(test, cfg, "test"), cfg, seed)
     return RawInstructions(train, test)
+
+
+def _builtin_categories(task: str, categories: list[str]) -> list[str]:
+    """`categories` checked against the built-in task's own list; the error names the allowed ones."""
+    allowed = BUILTIN_TASKS[task].CATEGORIES
+    unknown = [c for c in categories if c not in allowed]
+    if unknown:
+        other = [t for t, m in BUILTIN_TASKS.items() if t != task and all(c in m.CATEGORIES for c in unknown)]
+        hint = f"; those are categories of data.builtin.task = '{other[0]}'" if other else ""
+        raise DataError(f"data.builtin.categories: unknown categories {unknown} for data.builtin.task = '{task}' "
+                        f"(allowed: {', '.join(allowed)}){hint}")
+    return categories
 
 
 def resolve_columns(ds: Dataset, cfg: DataConfig, split: str = "train") -> dict[str, str | None]:

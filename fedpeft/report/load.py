@@ -12,7 +12,9 @@ from typing import Any
 
 from fedpeft.ledger import COLUMNS
 from fedpeft.ledger import LedgerRow as LedgerRecord  # the ledger's own row type, read back
-from fedpeft.rundir import COMM_FILE, CONFIG_FILE, EVENT_KEY, METRICS_FILE, SUMMARY_FILE, describe_status, read_status
+from fedpeft.rundir import (
+    COMM_FILE, CONFIG_FILE, EVENT_KEY, GENERATIONS_FILE, METRICS_FILE, SUMMARY_FILE, describe_status, read_status,
+)
 from fedpeft.scores import metric_label, primary_metric
 
 DIRECTIONS = ("down", "up")
@@ -34,6 +36,8 @@ class Run:
     name: str = ""
     status: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines keyed `event`
+    # causal-lm: generations.jsonl by round (prompt, reference, generated), for the side-by-side samples
+    generations: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def stopped(self) -> dict[str, Any] | None:
@@ -87,8 +91,9 @@ def load_run(path: str | Path) -> Run:
     ledger = _read_ledger(p / COMM_FILE)
     if not summary and not config:
         raise ReportError(f"{p}: neither {SUMMARY_FILE} nor {CONFIG_FILE} is present, so the method and adapter are unknown")
+    generations = _read_generations(p / GENERATIONS_FILE) if (p / GENERATIONS_FILE).is_file() else {}
     return Run(path=p, metrics=metrics, ledger=ledger, summary=summary, config=config, status=status,
-               events=events)
+               events=events, generations=generations)
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -158,6 +163,27 @@ def _read_metrics(path: Path, metric: str) -> tuple[list[dict[str, Any]], list[d
     if rounds != sorted(set(rounds)):
         raise ReportError(f"{path}: rounds are not strictly increasing ({rounds})")
     return rows, events
+
+
+def _read_generations(path: Path) -> dict[int, list[dict[str, Any]]]:
+    """Each generation round's samples in file order.
+
+    Every round generates from the same prompts, so a round with more rows than the shortest one was
+    generated again (a run killed after writing it and resumed before it): its last rows are kept.
+    """
+    rounds: dict[int, list[dict[str, Any]]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not _is_number(row.get("round")):
+            raise ReportError(f"{path}: line {n} is not a JSON object with a numeric 'round'")
+        rounds.setdefault(int(row["round"]), []).append(row)
+    size = min((len(rows) for rows in rounds.values()), default=0)
+    return {rnd: rows[len(rows) - size:] for rnd, rows in rounds.items()}
 
 
 def _read_ledger(path: Path) -> list[LedgerRecord]:

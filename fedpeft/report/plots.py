@@ -46,18 +46,26 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _score_axis(ax, s: RunStats, x_of) -> None:
+def _score_axis(ax, s: RunStats, x_of) -> str:
+    """Plot the primary metric (and multiple-choice accuracy, when measured); returns the y-axis label."""
     # Only rounds that measured the primary metric are points; a causal-LM run generates every few rounds.
     pts = [(x_of(r), r.score) for r in s.scored_rounds]
-    ax.plot(*zip(*pts), marker="o", color="C0")
+    ax.plot(*zip(*pts), marker="o", color="C0", label=f"test {s.metric_label}")
+    # causal-lm: multiple-choice accuracy, also in [0, 1], on the same axis
+    for attr, label, style in (("mc_accuracy", "multiple-choice acc", "s--"),
+                               ("mc_accuracy_norm", "MC acc norm", "^:")):
+        mc = [(x_of(r), getattr(r, attr)) for r in s.rounds if getattr(r, attr) is not None]
+        if mc:
+            ax.plot(*zip(*mc), style, color="C4" if attr == "mc_accuracy" else "C5", label=label)
     ax.axhline(s.target_score, color="grey", ls="--", lw=1, label=f"target {s.target_score:.3f}")
+    return "test score" if s.final_mc_accuracy is not None else f"test {s.metric_label}"
 
 
 def progress_vs_round(s: RunStats) -> bytes:
     """The primary metric and loss of the global model after each round."""
     fig, (score, loss) = _figure(ncols=2)
-    _score_axis(score, s, lambda r: r.round)
-    score.set(xlabel="round", ylabel=f"test {s.metric_label}", title=f"{_capital(s.metric_label)} vs round")
+    ylabel = _score_axis(score, s, lambda r: r.round)
+    score.set(xlabel="round", ylabel=ylabel, title=f"{_capital(s.metric_label)} vs round")
     score.legend(loc="best", fontsize=8)
     x = [r.round for r in s.rounds]
     loss.plot(x, [r.loss for r in s.rounds], marker="o", color="C3", label="test loss")
@@ -74,10 +82,10 @@ def progress_vs_round(s: RunStats) -> bytes:
 def progress_vs_bytes(s: RunStats) -> bytes:
     """The primary metric and loss against cumulative MB sent (down + up)."""
     fig, (score, loss) = _figure(ncols=2)
-    _score_axis(score, s, lambda r: r.cum_bytes / MB)
+    ylabel = _score_axis(score, s, lambda r: r.cum_bytes / MB)
     score.axvline(s.bytes_to_target / MB, color="grey", ls=":", lw=1,
                   label=f"reached at {s.bytes_to_target / MB:.3f} MB")
-    score.set(xlabel="cumulative MB (down + up)", ylabel=f"test {s.metric_label}",
+    score.set(xlabel="cumulative MB (down + up)", ylabel=ylabel,
               title=f"{_capital(s.metric_label)} vs bytes")
     score.legend(loc="best", fontsize=8)
     loss.plot([r.cum_bytes / MB for r in s.rounds], [r.loss for r in s.rounds], marker="o", color="C3")

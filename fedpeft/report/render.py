@@ -38,6 +38,8 @@ def display_columns(stats: list[RunStats]) -> list[Column]:
     # Exact match, perplexity and generation share exist only for causal-LM runs.
     optional: list[tuple[Column, str]] = [
         (("exact match", "final_exact_match", lambda v: fmt_num(v, 4)), "final_exact_match"),
+        (("MC acc", "final_mc_accuracy", lambda v: fmt_num(v, 4)), "final_mc_accuracy"),
+        (("MC acc norm", "final_mc_accuracy_norm", lambda v: fmt_num(v, 4)), "final_mc_accuracy_norm"),
         (("perplexity", "final_perplexity", lambda v: fmt_num(v, 2)), "final_perplexity"),
         (("gen. share", "generation_share", _share), "generation_share"),
     ]
@@ -82,6 +84,16 @@ def definitions(stats: list[RunStats]) -> list[tuple[str, str]]:
                                      "token (`perplexity`, every round)"),
             ("generation share", "the fraction of round time spent generating (`generation_share` in summary.json)"),
         ]
+    if any(s.final_mc_accuracy is not None for s in stats):
+        out.append(("multiple-choice accuracy", "on generation rounds, each question of `eval.multiple_choice` is "
+                    "scored by the log-likelihood of each choice's text as the answer to it, without generating "
+                    "(lm-evaluation-harness style): MC acc counts questions whose right choice is the most likely "
+                    "(`mc_accuracy`), MC acc norm divides each log-likelihood by the choice's length in characters "
+                    "first (`mc_accuracy_norm`, the harness's acc_norm)"))
+    if any(s.samples for s in stats):
+        out.append(("samples", "the first held-out prompts of `generations.jsonl` (the user's question, template "
+                    "headers removed), their reference, and the global model's greedy answer on the first "
+                    "generation round (round 0: the base model before any training) and on the last"))
     return out
 
 
@@ -95,6 +107,9 @@ def headline(s: RunStats) -> list[tuple[str, str]]:
         ("exact match (final)", s.final_exact_match, fmt_num(s.final_exact_match, 4)),
         ("perplexity (final)", s.final_perplexity, fmt_num(s.final_perplexity, 2)),
         ("generation share of round time", s.generation_share, _share(s.generation_share)),
+        ("multiple-choice accuracy, first → final (norm)", s.final_mc_accuracy,
+         f"{fmt_num(s.initial_mc_accuracy, 4)} → {fmt_num(s.final_mc_accuracy, 4)} "
+         f"({fmt_num(s.final_mc_accuracy_norm, 4)})"),
     ) if value is not None]
     status += [("stopped", f"{s.stopped}; figures cover the rounds it sent")] if s.stopped else []
     return status + [
@@ -194,11 +209,41 @@ def markdown(stats: list[RunStats], title: str, plot_links: dict[str, list[tuple
         lines.append("")
         for caption, rel in plot_links[s.label]:
             lines += [f"![{caption}]({rel})", ""]
+        lines += _md_samples(s)
     lines += ["## How the numbers are computed", ""]
     lines += [f"- **{k}**: {v}" for k, v in definitions(stats)]
     lines += ["", "Tables: `runs.csv` (one row per run), `rounds.csv` (per run and round), "
               "`clients.csv` (per run and client).", ""]
     return "\n".join(lines)
+
+
+def samples_title(s: RunStats) -> str:
+    """The heading of a run's side-by-side samples."""
+    first, last = s.sample_rounds or (0, 0)
+    return f"Held-out samples: round {first} vs round {last}"
+
+
+def sample_columns(s: RunStats) -> list[str]:
+    """Column headers of the samples table; one answer column when only one round generated."""
+    first, last = s.sample_rounds or (0, 0)
+    answers = [f"round {first}" + (" (zero-shot)" if first == 0 else "")]
+    return ["prompt", "reference", *answers, *([f"round {last} (final)"] if last != first else [])]
+
+
+def sample_cells(s: RunStats) -> list[list[str]]:
+    """The samples table's rows (prompt, reference, first answer[, final answer])."""
+    first, last = s.sample_rounds or (0, 0)
+    return [[p.prompt, p.reference, p.first or "(empty)", *([p.final or "(empty)"] if last != first else [])]
+            for p in s.samples]
+
+
+def _md_samples(s: RunStats) -> list[str]:
+    if not s.samples:
+        return []
+    cols = sample_columns(s)
+    lines = [f"### {samples_title(s)}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_md_cell(" ".join(c.split())) for c in row) + " |" for row in sample_cells(s)]
+    return lines + [""]
 
 
 # ----- HTML --------------------------------------------------------------------------------
@@ -219,6 +264,7 @@ table.sortable th{padding:4px 8px;cursor:pointer;background:#eef1f5;user-select:
 table.sortable th:after{content:' ↕';color:#98a2b3;font-size:.8em}
 table.sortable th.asc:after{content:' ▲';color:#1d2330} table.sortable th.desc:after{content:' ▼';color:#1d2330}
 .scroll{overflow-x:auto}
+table.samples td{white-space:pre-wrap;max-width:360px} table.samples th{background:#eef1f5}
 figure{margin:10px 0 18px} figure img{max-width:100%;height:auto;border:1px solid #eceef2;border-radius:4px}
 figcaption{font-size:.85rem;color:#475467;margin-top:2px}
 dl dt{font-weight:600;margin-top:6px} dl dd{margin:2px 0 0 16px;color:#344054;font-size:.9rem}
@@ -268,12 +314,21 @@ def _comparison_table(stats: list[RunStats]) -> str:
 
 def _run_section(s: RunStats, figs: dict[str, Plot], collapsible: bool) -> str:
     inner = (f'<p class="muted"><code>{_esc(s.path)}</code></p>{_kv_table(headline(s))}'
-             + "".join(_img(fig.png, fig.title) for fig in figs.values()))
+             + "".join(_img(fig.png, fig.title) for fig in figs.values()) + _html_samples(s))
     if collapsible:
         return (f"<details><summary>{_esc(s.label)} — {_esc(s.method)} / {_esc(s.adapter)}, "
                 f"final {_esc(s.metric_label)} {s.final_score:.4f}, {s.bytes_total / MB:,.3f} MB</summary>"
                 f"{inner}</details>")
     return f"<section><h2>{_esc(s.label)}</h2>{inner}</section>"
+
+
+def _html_samples(s: RunStats) -> str:
+    if not s.samples:
+        return ""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in sample_columns(s))
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in sample_cells(s))
+    return (f"<h3>{_esc(samples_title(s))}</h3><div class=\"scroll\"><table class=\"samples\">"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
 def html_page(stats: list[RunStats], title: str, figures: dict[str, dict[str, Plot]], comparison: Plot | None) -> str:

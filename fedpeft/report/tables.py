@@ -14,9 +14,12 @@ from typing import Any
 from fedpeft.round_outcome import describe_stop
 from fedpeft.ledger import ENVELOPE, MB
 from fedpeft.report.load import Run
+from fedpeft.report.samples import SamplePair, sample_pairs
 from fedpeft.scores import EXACT_MATCH, metric_label
 
 DASH = "—"
+# causal-lm: multiple-choice accuracy by choice log-likelihood, plain and length-normalized (fedpeft.multiple_choice)
+MC_ACCURACY, MC_ACCURACY_NORM = "mc_accuracy", "mc_accuracy_norm"
 DEFAULT_TARGET = 0.9
 
 
@@ -36,6 +39,8 @@ class RoundStats:
     epsilon_median: float | None = None
     perplexity: float | None = None
     exact_match: float | None = None
+    mc_accuracy: float | None = None  # causal-lm: multiple-choice accuracy (generation rounds)
+    mc_accuracy_norm: float | None = None
 
 
 @dataclass
@@ -83,6 +88,11 @@ class RunStats:
     final_exact_match: float | None = None
     final_perplexity: float | None = None
     generation_share: float | None = None  # fraction of round time spent generating (causal-LM runs)
+    initial_mc_accuracy: float | None = None  # causal-lm: multiple-choice accuracy, first and last measured
+    final_mc_accuracy: float | None = None
+    final_mc_accuracy_norm: float | None = None
+    sample_rounds: tuple[int, int] | None = None  # (first, last) generation round of `samples`
+    samples: list[SamplePair] = field(default_factory=list)
     user_privacy: str | None = None  # user-level DP: ε, δ, how clients were sampled, the adjacency, the noise source
     incomplete: str | None = None  # why the run did not complete (failed, interrupted, …)
     stopped: str | None = None  # why a completed run ended before its last round (the communication budget)
@@ -162,6 +172,7 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         for cid, c in sorted(per_client.items()) if cid >= 0
     ]
     full = run.summary.get("full_model_message_bytes")
+    first_gen, last_gen, pairs = sample_pairs(run.generations)
     eps = [r.epsilon_max for r in rounds if r.epsilon_max is not None]
     wall = run.summary.get("wall_s", run.metrics[-1].get("elapsed_s"))
     return RunStats(
@@ -178,10 +189,18 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
         num_clients=_opt_int(run.config.get("sim", {}).get("num_clients", run.summary.get("num_clients"))),
         final_exact_match=_last(rounds, "exact_match"), final_perplexity=_last(rounds, "perplexity"),
         generation_share=_opt_float(run.summary.get("generation_share")),
+        initial_mc_accuracy=_first(rounds, "mc_accuracy"), final_mc_accuracy=_last(rounds, "mc_accuracy"),
+        final_mc_accuracy_norm=_last(rounds, "mc_accuracy_norm"),
+        sample_rounds=None if first_gen is None else (first_gen, last_gen), samples=pairs,
         user_privacy=user_privacy_text(run.summary),
         incomplete=run.incomplete, stopped=describe_stop(run.stopped) if run.stopped else None,
         rounds=rounds, clients=clients,
     )
+
+
+def _first(rounds: list[RoundStats], attr: str) -> float | None:
+    values = [getattr(r, attr) for r in rounds if getattr(r, attr) is not None]
+    return values[0] if values else None
 
 
 def _last(rounds: list[RoundStats], attr: str) -> float | None:
@@ -201,6 +220,7 @@ def _round_stats(run: Run, per_round: dict[int, dict[str, int]], metric: str) ->
             train_loss=_opt_float(m.get("train_loss")),
             epsilon_max=_opt_float(m.get("epsilon_max")), epsilon_median=_opt_float(m.get("epsilon_median")),
             perplexity=_opt_float(m.get("perplexity")), exact_match=_opt_float(m.get(EXACT_MATCH)),
+            mc_accuracy=_opt_float(m.get(MC_ACCURACY)), mc_accuracy_norm=_opt_float(m.get(MC_ACCURACY_NORM)),
         ))
     return out
 
@@ -252,7 +272,7 @@ def metric_labels(stats: list[RunStats]) -> str:
 # metrics share one CSV schema.
 COMPARISON_COLUMNS = [
     "run", "method", "adapter", "codecs", "metric", "final_score", "best_score", "final_exact_match",
-    "final_perplexity", "generation_share", "total_mb", "bytes_down", "bytes_up",
+    "final_perplexity", "final_mc_accuracy", "final_mc_accuracy_norm", "generation_share", "total_mb", "bytes_down", "bytes_up",
     "bytes_to_target", "target_round", "full_model_ratio", "epsilon", "wall_s",
 ]
 
@@ -264,6 +284,7 @@ def comparison_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
             "run": s.label, "method": s.method, "adapter": s.adapter, "codecs": s.codecs,
             "metric": s.primary_metric, "final_score": s.final_score, "best_score": s.best_score,
             "final_exact_match": s.final_exact_match, "final_perplexity": s.final_perplexity,
+            "final_mc_accuracy": s.final_mc_accuracy, "final_mc_accuracy_norm": s.final_mc_accuracy_norm,
             "generation_share": s.generation_share, "total_mb": s.bytes_total / MB,
             "bytes_down": s.bytes_down, "bytes_up": s.bytes_up,
             "bytes_to_target": s.bytes_to_target, "target_round": s.target_round,
@@ -273,8 +294,9 @@ def comparison_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
     ]
 
 
-ROUND_COLUMNS = ["run", "round", "metric", "score", "loss", "perplexity", "exact_match", "train_loss", "bytes_down",
-                 "bytes_up", "cum_bytes", "clients", "epsilon_max", "epsilon_median"]
+ROUND_COLUMNS = ["run", "round", "metric", "score", "loss", "perplexity", "exact_match", "mc_accuracy",
+                 "mc_accuracy_norm", "train_loss", "bytes_down", "bytes_up", "cum_bytes", "clients", "epsilon_max",
+                 "epsilon_median"]
 CLIENT_COLUMNS = ["run", "client_id", "bytes_down", "bytes_up", "bytes_total", "messages_down", "messages_up"]
 
 
@@ -282,7 +304,8 @@ def round_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
     """One row per (run, round)."""
     return [
         {"run": s.label, "round": r.round, "metric": s.primary_metric, "score": r.score, "loss": r.loss,
-         "perplexity": r.perplexity, "exact_match": r.exact_match, "train_loss": r.train_loss,
+         "perplexity": r.perplexity, "exact_match": r.exact_match, "mc_accuracy": r.mc_accuracy,
+         "mc_accuracy_norm": r.mc_accuracy_norm, "train_loss": r.train_loss,
          "bytes_down": r.bytes_down, "bytes_up": r.bytes_up, "cum_bytes": r.cum_bytes, "clients": r.clients,
          "epsilon_max": r.epsilon_max, "epsilon_median": r.epsilon_median}
         for s in sort_runs(stats) for r in s.rounds
