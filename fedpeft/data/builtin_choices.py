@@ -22,7 +22,7 @@ import numpy as np
 
 from fedpeft.data import builtin
 from fedpeft.data.builtin_instructions import ANTONYMS, LIST_WORDS, PLURALS, SEQUENCES
-from fedpeft.data.choices import Question
+from fedpeft.data.question import Question
 
 CATEGORIES = ["antonym", "plural", "successor", "odd-word", "arithmetic", "sentiment"]
 

@@ -94,17 +94,26 @@ PHRASES: dict[str, dict[str, list[str]]] = {
 }
 
 
-def _check(categories: list[str] | None) -> list[str]:
-    chosen = list(CATEGORIES) if not categories else list(categories)
-    unknown = [c for c in chosen if c not in CATEGORIES]
+def check_categories(categories: list[str] | None, allowed: list[str], task: str) -> list[str]:
+    """The chosen categories in order without repeats (all when none are chosen); unknown ones are named."""
+    chosen = list(allowed) if not categories else list(categories)
+    unknown = [c for c in chosen if c not in allowed]
     if unknown:
-        raise ValueError(f"unknown instruction categories {unknown} (data.builtin.categories; allowed: "
-                         f"{', '.join(CATEGORIES)})")
+        raise ValueError(f"unknown categories {unknown} for data.builtin.task = '{task}' (data.builtin.categories; "
+                         f"allowed: {', '.join(allowed)})")
     return list(dict.fromkeys(chosen))
 
 
-def _pick(rng: np.random.Generator, items: list):
+def _check(categories: list[str] | None) -> list[str]:
+    return check_categories(categories, CATEGORIES, "words")
+
+
+def pick(rng: np.random.Generator, items: list):
+    """One item of `items`, drawn by `rng`."""
     return items[int(rng.integers(len(items)))]
+
+
+_pick = pick
 
 
 def _word_question(rng: np.random.Generator, category: str, word: str) -> tuple[str, str]:

@@ -34,7 +34,8 @@ import numpy as np
 from datasets import Dataset, Features, Value
 
 from fedpeft.data import builtin
-from fedpeft.data.builtin_instructions import ANTONYMS, LIST_WORDS, PLURALS, SEQUENCES
+from fedpeft.data.builtin_instructions import ANTONYMS, LIST_WORDS, PLURALS, SEQUENCES, check_categories
+from fedpeft.data.builtin_instructions import pick as _pick
 
 CATEGORIES = ["count", "next", "opposites", "plurals", "reverse", "question", "review"]
 
@@ -93,16 +94,7 @@ TOPICS = {"restaurant": "a restaurant", "electronics": "electronics", "travel": 
 
 
 def _check(categories: list[str] | None) -> list[str]:
-    chosen = list(CATEGORIES) if not categories else list(categories)
-    unknown = [c for c in chosen if c not in CATEGORIES]
-    if unknown:
-        raise ValueError(f"unknown categories {unknown} for data.builtin.task = 'skills' (data.builtin.categories; "
-                         f"allowed: {', '.join(CATEGORIES)})")
-    return list(dict.fromkeys(chosen))
-
-
-def _pick(rng: np.random.Generator, items: list):
-    return items[int(rng.integers(len(items)))]
+    return check_categories(categories, CATEGORIES, "skills")
 
 
 def _sample(rng: np.random.Generator, items: list, size: int) -> list:

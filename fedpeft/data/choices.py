@@ -15,31 +15,20 @@ from __future__ import annotations
 import csv
 import json
 import string
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.data.builtin_choices import generate
+from fedpeft.data.question import Question
 from fedpeft.data.sources import DataError
 
 BUILTIN = "builtin"
 MMLU_NO_HEADER = ["question", "A", "B", "C", "D", "answer"]
 
 
-@dataclass(frozen=True)
-class Question:
-    """One question, its choices and the index of the right one."""
-
-    question: str
-    choices: tuple[str, ...]
-    answer: int
-    category: str = ""
-
-
 def load_questions(spec: str, num_questions: int, seed: int) -> list[Question]:
     """The first `num_questions` questions of `spec`: "builtin" (generated from `seed`) or a .jsonl / .csv file."""
     if spec == BUILTIN:
-        from fedpeft.data.builtin_choices import generate
-
         return generate(num_questions, seed)
     return load_choice_file(spec)[:num_questions]
 

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,8 @@ def _missing(path: Path) -> ReportError:
     return ReportError(f"{path.parent}: missing {path.name} (is this a fedpeft run directory?)")
 
 
-def _read_metrics(path: Path, metric: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    if not path.is_file():
-        raise _missing(path)
-    rows: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
+def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; anything else is a ReportError."""
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -142,6 +140,15 @@ def _read_metrics(path: Path, metric: str) -> tuple[list[dict[str, Any]], list[d
             raise ReportError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise ReportError(f"{path}: line {n} is not a JSON object")
+        yield n, row
+
+
+def _read_metrics(path: Path, metric: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    if not path.is_file():
+        raise _missing(path)
+    rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for n, row in _json_objects(path):
         if EVENT_KEY in row:  # a run-level note (e.g. a communication budget stop), not a round
             events.append(row)
             continue
@@ -172,15 +179,9 @@ def _read_generations(path: Path) -> dict[int, list[dict[str, Any]]]:
     generated again (a run killed after writing it and resumed before it): its last rows are kept.
     """
     rounds: dict[int, list[dict[str, Any]]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ReportError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not _is_number(row.get("round")):
-            raise ReportError(f"{path}: line {n} is not a JSON object with a numeric 'round'")
+    for n, row in _json_objects(path):
+        if not _is_number(row.get("round")):
+            raise ReportError(f"{path}: line {n} has no numeric 'round'")
         rounds.setdefault(int(row["round"]), []).append(row)
     size = min((len(rows) for rows in rounds.values()), default=0)
     return {rnd: rows[len(rows) - size:] for rnd, rows in rounds.items()}
