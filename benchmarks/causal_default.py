@@ -30,7 +30,7 @@ from fedpeft.causal_lm import batch_loss, generation_scores, held_out_loss  # no
 from fedpeft.data.prepared import eval_batches, prepare, train_batches  # noqa: E402
 from fedpeft.evaluation import tokenizer_for  # noqa: E402
 from fedpeft.models import build_model, load_base_model  # noqa: E402
-from fedpeft.recipe import validate  # noqa: E402
+from fedpeft.app.recipe import validate  # noqa: E402
 
 SCRATCH = {"kind": "causal-lm", "source": "tiny", "max_length": 64,
            "tiny": {"arch": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,

@@ -20,10 +20,10 @@ from fedpeft.env import quiet_libraries, set_offline_env
 set_offline_env()
 quiet_libraries()
 
-from fedpeft.recipe import load
+from fedpeft.app.recipe import load
 from fedpeft.report.load import load_run
 from fedpeft.report.tables import run_stats
-from fedpeft.simulation import simulate
+from fedpeft.app.simulate import simulate
 
 DEFAULT_CHAINS = [
     "delta,ternary",

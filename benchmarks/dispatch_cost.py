@@ -1,4 +1,4 @@
-"""What Flower's simulation dispatcher costs the driver, against `fedpeft.dispatch`.
+"""What Flower's simulation dispatcher costs the driver, against `fedpeft.app.engine.dispatch`.
 
     python benchmarks/dispatch_cost.py NODES MESSAGES      # e.g. 1000 50, 10000 100
 
@@ -22,7 +22,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
-from fedpeft.dispatch import dispatch_messages
+from fedpeft.app.engine.dispatch import dispatch_messages
 N, M = int(sys.argv[1]), int(sys.argv[2])
 sf = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
 run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)); run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES); run.federation_id = NOOP_FEDERATION_ID

@@ -19,7 +19,7 @@ set_offline_env()
 quiet_libraries()
 
 from fedpeft.privacy.dpsgd import dp_step, make_private, poisson_loader, release  # noqa: E402
-from fedpeft.recipe import validate  # noqa: E402
+from fedpeft.app.recipe import validate  # noqa: E402
 from fedpeft.models import build_model  # noqa: E402
 
 

@@ -12,9 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedpeft.recipe import load
+from fedpeft.app.recipe import load
 from fedpeft.env import quiet_libraries, set_offline_env
-from fedpeft.simulation import simulate
+from fedpeft.app.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

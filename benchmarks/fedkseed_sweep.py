@@ -72,9 +72,9 @@ def main() -> None:
     from fedpeft.data.prepared import eval_batches, prepare, train_batches
     from fedpeft.models import build_model
     from fedpeft.precision import compute
-    from fedpeft.recipe import load
+    from fedpeft.app.recipe import load
     from fedpeft.seeding import rng
-    from fedpeft.zo import ZOStepper, seed_pool, tuned_parameters
+    from fedpeft.methods.zo import ZOStepper, seed_pool, tuned_parameters
 
     t0 = time.perf_counter()
     cfg = load(ROOT / "simulations" / "llm-fedkseed.toml",

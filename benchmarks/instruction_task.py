@@ -29,7 +29,7 @@ from fedpeft.data.instruction_task import tokenize_instructions  # noqa: E402
 from fedpeft.data.prepared import train_batches  # noqa: E402
 from fedpeft.data.prompts import IGNORE_INDEX, encode_example, render_prompt, special_ids  # noqa: E402
 from fedpeft.models import build_model, load_tokenizer, model_label  # noqa: E402
-from fedpeft.recipe import validate  # noqa: E402
+from fedpeft.app.recipe import validate  # noqa: E402
 
 
 def lengths(raw, tok, template: str) -> tuple[list[int], list[int]]:

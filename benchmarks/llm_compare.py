@@ -85,8 +85,8 @@ def step_seconds(repeats: int = 6) -> tuple[float, float]:
     from fedpeft.causal_lm import batch_loss
     from fedpeft.data.prepared import prepare, train_batches
     from fedpeft.models import build_model
-    from fedpeft.recipe import load
-    from fedpeft.zo import ZOStepper, tuned_parameters
+    from fedpeft.app.recipe import load
+    from fedpeft.methods.zo import ZOStepper, tuned_parameters
 
     cfg = load(ROOT / "simulations" / "llm-default.toml", ["sim.num_clients=1", "sim.clients_per_round=1",
                                                            "partition.type=iid"])
@@ -130,9 +130,9 @@ def equal_compute_steps(out: Path, local_steps: int) -> int:
 
 def run(key: str, out: Path, extra: list[str]) -> dict:
     """Run one configuration; store and return its figures."""
-    from fedpeft.recipe import load
+    from fedpeft.app.recipe import load
     from fedpeft.rundir import RunDir
-    from fedpeft.simulation import simulate
+    from fedpeft.app.simulate import simulate
 
     label, recipe, own = RUNS[key]
     overrides = [*own, f'output.dir="{out / "runs"}"', f'name="{key}"', *extra]

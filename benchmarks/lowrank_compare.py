@@ -38,9 +38,9 @@ METHODS: dict[str, tuple[str, str, list[str]]] = {
 
 def run_method(key: str, rounds: int, alpha: float, out: Path, extra: list[str]) -> dict:
     """Run one method's recipe with the shared overrides; return and store its figures."""
-    from fedpeft.recipe import load
+    from fedpeft.app.recipe import load
     from fedpeft.rundir import RunDir
-    from fedpeft.simulation import simulate
+    from fedpeft.app.simulate import simulate
 
     label, recipe, sized = METHODS[key]
     overrides = [f"partition.alpha={alpha}", f"sim.rounds={rounds}", f'output.dir="{out / "runs"}"',

@@ -34,9 +34,9 @@ SHOWN_ROUNDS = (2, 4, 6, 8, 10, 12)
 
 def run(key: str, rounds: int, alpha: float, out: Path, extra: list[str]) -> dict:
     """Run one method's recipe with the shared overrides; store and return its per-round figures."""
-    from fedpeft.recipe import load
+    from fedpeft.app.recipe import load
     from fedpeft.rundir import RunDir
-    from fedpeft.simulation import simulate
+    from fedpeft.app.simulate import simulate
 
     label, recipe = METHODS[key]
     overrides = [f"partition.alpha={alpha}", f"sim.rounds={rounds}", f'output.dir="{out / "runs"}"',

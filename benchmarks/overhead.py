@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
-    from fedpeft.recipe import load
+    from fedpeft.app.recipe import load
 
     cfg = load(args.recipe, args.overrides)
     if args.run_dir:

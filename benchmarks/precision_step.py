@@ -34,7 +34,7 @@ from fedpeft.causal_lm import held_out_loss, response_loss  # noqa: E402
 from fedpeft.data.prepared import eval_batches, prepare, train_batches  # noqa: E402
 from fedpeft.models import build_model  # noqa: E402
 from fedpeft.precision import compute, cpu_bf16_units  # noqa: E402
-from fedpeft.recipe import validate  # noqa: E402
+from fedpeft.app.recipe import validate  # noqa: E402
 
 CPU = torch.device("cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -33,8 +33,8 @@ import dp_accounting
 from dp_accounting.rdp import RdpAccountant
 
 from fedpeft.env import quiet_libraries, set_offline_env
-from fedpeft.recipe import load
-from fedpeft.simulation import simulate
+from fedpeft.app.recipe import load
+from fedpeft.app.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE

@@ -40,9 +40,9 @@ RUNS.update({f"{a}-{k}": (label, attack, recipe, extra)
 
 def run(key: str, rounds: int | None, out: Path, extra: list[str]) -> dict:
     """Run one aggregator under one attack (or clean); store and return its figures."""
-    from fedpeft.recipe import load
+    from fedpeft.app.recipe import load
     from fedpeft.rundir import RunDir
-    from fedpeft.simulation import simulate
+    from fedpeft.app.simulate import simulate
 
     label, attack, recipe, attack_keys = RUNS[key]
     overrides = [*attack_keys, f'output.dir="{out / "runs"}"', f'name="{key}"', "output.checkpoint_every=0", *extra]

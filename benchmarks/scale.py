@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from fedpeft.recipe import load
+    from fedpeft.app.recipe import load
 
     cfg = load(args.recipe, args.overrides)
     small = max(cfg.sim.num_clients // 10, cfg.sim.clients_per_round)

@@ -18,7 +18,7 @@ from fedpeft.env import quiet_libraries, set_offline_env
 set_offline_env()
 quiet_libraries()
 
-from fedpeft.recipe import validate  # noqa: E402
+from fedpeft.app.recipe import validate  # noqa: E402
 from fedpeft.data.builtin import generate  # noqa: E402
 from fedpeft.data.prepared import tokenize, train_batches  # noqa: E402
 from fedpeft.evaluation import evaluate  # noqa: E402

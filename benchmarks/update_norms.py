@@ -16,9 +16,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.first_order import FirstOrderTrainer
-from clients.runtime import ClientRuntime
+from clients.app.runtime import ClientRuntime
 from fedpeft.adapters import adapter_state
-from fedpeft.recipe import load
+from fedpeft.app.recipe import load
 from fedpeft.data import prepare
 from fedpeft.env import quiet_libraries, set_offline_env
 from fedpeft.models import build_model

@@ -23,8 +23,8 @@ from fedpeft.env import quiet_libraries, set_offline_env
 set_offline_env()
 quiet_libraries()
 
-from fedpeft.deploy.run import deploy_recipe  # noqa: E402
-from fedpeft.deploy.wirecheck import compare_with_ledger  # noqa: E402
+from fedpeft.app.deploy.run import deploy_recipe  # noqa: E402
+from fedpeft.app.deploy.wirecheck import compare_with_ledger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SET = ["sim.num_clients=3", "sim.clients_per_round=3", "sim.rounds=2", "train.local_steps=3",

@@ -10,7 +10,7 @@ Every figure is the best of `--reps` timings; the measurements take turns within
 (forward, step, legacy step, ...) so a machine whose load drifts slows them alike. Timed:
 
 - forward: one loss evaluation under inference mode, as a ZO step makes it (twice);
-- ZO step: `fedpeft.zo.ZOStepper.step`, the call clients/zeroth_order.py makes per step, in steady
+- ZO step: `fedpeft.methods.zo.ZOStepper.step`, the call clients/zeroth_order.py makes per step, in steady
   state (the previous step's restore-and-update is deferred into this step's first pass);
 - legacy ZO step: the three `perturb` calls a step made before (z generated three times);
 - direction overhead: the same two steps with a free loss (generate and apply z only);
@@ -45,8 +45,8 @@ from fedpeft.data.prepared import collate, tokenize, train_batches  # noqa: E402
 from fedpeft.data.prompts import encode_example, render_prompt  # noqa: E402
 from fedpeft.models import build_model, load_tokenizer  # noqa: E402
 from fedpeft.precision import compute  # noqa: E402
-from fedpeft.recipe import validate  # noqa: E402
-from fedpeft.zo import CHUNK, ZOStepper, perturb, tuned_parameters  # noqa: E402
+from fedpeft.app.recipe import validate  # noqa: E402
+from fedpeft.methods.zo import CHUNK, ZOStepper, perturb, tuned_parameters  # noqa: E402
 
 INSTRUCTION = "Summarize the paragraph below in one sentence."
 INPUT = ("The city council met on Tuesday to discuss the new bike lanes planned for the downtown area. "

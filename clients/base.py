@@ -13,9 +13,9 @@ from flwr.app import Message, RecordDict
 from fedpeft.adapters import adapter_parameters, adapter_state
 from fedpeft.config import Config
 from fedpeft.data import PreparedTask
+from fedpeft.methods.contract import method_spec
 from fedpeft.records import SERVER_ROUND
 from fedpeft.state import ClientStateStore, store_for
-from strategies import get_strategy_class
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -27,7 +27,7 @@ class ClientRuntime:
 
     `simulated`: whether this runs under `fedpeft simulate`; with dp.noise_source = "auto" DP noise
     is then seeded (reproducible), else drawn from OS entropy. The ClientApp's runtime always sets
-    it from the run config (`clients.runtime`); the default serves runtimes built by hand for
+    it from the run config (`clients.app.runtime`); the default serves runtimes built by hand for
     tests and benchmarks, which are simulations and stay reproducible.
     """
 
@@ -47,7 +47,7 @@ class Trainer(ABC):
 
     def __init__(self, rt: ClientRuntime, method: type | None = None) -> None:
         self.rt = rt
-        self.method = method or get_strategy_class(rt.cfg.method.name)
+        self.method = method or method_spec(rt.cfg.method.name).strategy
         self.method.prepare_model(rt.model)
         self.keys: frozenset[str] = frozenset(k for k in adapter_state(rt.model) if self.method.exchanged(k))
 

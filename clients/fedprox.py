@@ -12,9 +12,10 @@ import torch
 from clients.first_order import FirstOrderTrainer
 from clients.local_steps import LocalRound
 from clients.registry import register_trainer
+from fedpeft.methods.contract import FEDPROX
 
 
-@register_trainer("fedprox")
+@register_trainer(FEDPROX)
 class FedProxTrainer(FirstOrderTrainer):
     """First-order training with the proximal term towards the adapter the round started from."""
 

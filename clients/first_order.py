@@ -15,10 +15,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from clients.base import Trainer
 from clients.local_steps import DPSteps, LocalRound, PlainSteps, make_optimizer
 from clients.registry import register_trainer
-from clients.faults import label_flipped
+from fedpeft.faults.attacks import label_flipped
 from clients.rows import ClientRows, FlippedLabels
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.causal_lm import batch_loss
+from fedpeft.methods.contract import FIRST_ORDER
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import derive_seed
 
@@ -37,7 +38,7 @@ def dp_reply_metrics(num_examples: int, dp_metrics: dict) -> dict:
     return {NUM_EXAMPLES: num_examples, **dp_metrics}
 
 
-@register_trainer("first_order")
+@register_trainer(FIRST_ORDER)
 class FirstOrderTrainer(Trainer):
     """Load the global adapter, take local optimizer steps (DP-SGD if configured), return the new adapter tensors."""
 

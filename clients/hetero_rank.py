@@ -9,11 +9,10 @@ from clients.base import ClientRuntime
 from clients.first_order import FirstOrderTrainer
 from clients.registry import register_trainer
 from fedpeft.adapters import adapter_state
-from fedpeft.lowrank import pad_lora, truncate_lora
-from strategies.hetero_rank import RANK_KEY
+from fedpeft.methods.lowrank import HETERO_RANK, RANK_KEY, pad_lora, truncate_lora
 
 
-@register_trainer("hetero_rank")
+@register_trainer(HETERO_RANK)
 class HeteroRankTrainer(FirstOrderTrainer):
     """First-order training of a rank-r LoRA held zero-padded in the process's largest-rank model."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from flwr.app import Message
@@ -21,7 +21,26 @@ from fedpeft.privacy import dpsgd, noise, sample_level
 from fedpeft.seeding import rng
 
 if TYPE_CHECKING:
-    from clients.first_order import FirstOrderTrainer
+    from clients.base import ClientRuntime
+    from fedpeft.state import ClientStateStore
+
+
+class LocalHooks(Protocol):
+    """What the local loop needs of its trainer: the runtime, the loss, and the per-step hooks."""
+
+    rt: "ClientRuntime"
+
+    def loss(self, ctx: "LocalRound", model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one batch."""
+
+    def adjust_gradients(self, ctx: "LocalRound") -> None:
+        """Change the gradients before the optimizer step (FedProx, SCAFFOLD)."""
+
+    def after_step(self, ctx: "LocalRound") -> None:
+        """Run after each optimizer step."""
+
+    def store(self, msg: Message) -> "ClientStateStore":
+        """The client state store for this message's run."""
 
 
 @dataclass
@@ -49,7 +68,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 class PlainSteps:
     """Shuffled mini-batches and ordinary optimizer steps (optional gradient-norm clipping)."""
 
-    def __init__(self, trainer: "FirstOrderTrainer", ctx: LocalRound) -> None:
+    def __init__(self, trainer: LocalHooks, ctx: LocalRound) -> None:
         self.trainer, self.ctx = trainer, ctx
         rt = trainer.rt
         cfg = rt.cfg
@@ -86,7 +105,7 @@ class DPSteps:
     `adjust_gradients` runs on the privatized gradient (it must not read data, so it costs no privacy).
     """
 
-    def __init__(self, trainer: "FirstOrderTrainer", ctx: LocalRound) -> None:
+    def __init__(self, trainer: LocalHooks, ctx: LocalRound) -> None:
         self.trainer, self.ctx = trainer, ctx
         rt = trainer.rt
         cfg, task = rt.cfg, rt.task

@@ -13,10 +13,10 @@ from clients.registry import register_trainer
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.evaluation import local_score
 from fedpeft.seeding import torch_generator
-from strategies.pfedpara import GLOBAL_LOCAL, LOCAL_SET, LOCAL_TEST, PERSONAL, is_local
+from fedpeft.methods.pfedpara_wire import GLOBAL_LOCAL, LOCAL_SET, LOCAL_TEST, PERSONAL, PFEDPARA, is_local
 
 
-@register_trainer("pfedpara")
+@register_trainer(PFEDPARA)
 class PFedParaTrainer(FirstOrderTrainer):
     """Train global + personal factors on the local train split; upload only the global ones."""
 

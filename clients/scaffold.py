@@ -17,10 +17,10 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from clients.first_order import FirstOrderTrainer
 from clients.local_steps import LocalRound
 from clients.registry import register_trainer
-from strategies.scaffold import CONTROL, VARIATE_SET
+from fedpeft.methods.scaffold_wire import CONTROL, SCAFFOLD, VARIATE_SET
 
 
-@register_trainer("scaffold")
+@register_trainer(SCAFFOLD)
 class ScaffoldTrainer(FirstOrderTrainer):
     """First-order training with SCAFFOLD's drift correction and the client control variate."""
 

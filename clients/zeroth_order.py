@@ -3,7 +3,7 @@
 A client rebuilds the global model of round t-1 by replaying every round's aggregate. It holds the
 history it has reached in its own state store (`fedkseed-history`, beside its other state, on its
 own machine when deployed), and a train message carries the rounds after the last one it
-confirmed (`strategies.fedkseed_wire`). Together they cover rounds 1..t-1; when they do not (its
+confirmed (`fedpeft.methods.fedkseed_wire`). Together they cover rounds 1..t-1; when they do not (its
 state was lost or rolled back), the client trains nothing and answers how far its history reaches,
 and the server sends it the history from there next time. Nothing is ever read from the server's
 disk.
@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from clients.base import ClientRuntime, Trainer
-from clients.faults import label_flipped
+from fedpeft.faults.attacks import label_flipped
 from clients.registry import register_trainer
 from clients.rows import FlippedLabels
 from fedpeft.causal_lm import batch_loss
@@ -36,9 +36,9 @@ from fedpeft.precision import compute
 from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from fedpeft.seeding import rng
 from fedpeft.state import ClientStateStore
-from fedpeft.zo import ZOStepper, pack_scalars, pro_probabilities, replay, seed_pool, tuned_parameters
-from strategies.fedkseed_wire import (
-    FROM_ROUND, HISTORY, HOLDS_ROUND, SCALARS, SCALARS_RECORD, Round, unpack_history,
+from fedpeft.methods.zo import ZOStepper, pack_scalars, pro_probabilities, replay, seed_pool, tuned_parameters
+from fedpeft.methods.fedkseed_wire import (
+    FROM_ROUND, HISTORY, HOLDS_ROUND, SCALARS, SCALARS_RECORD, ZEROTH_ORDER, Round, unpack_history,
 )
 
 HELD = "fedkseed-history"  # the client state tensor set holding the history a client has reached
@@ -72,7 +72,7 @@ def catch_up(held: list[Round], from_round: int, sent: list[Round], server_round
     return held[: from_round - 1] + sent  # where both have a round, the server's copy wins
 
 
-@register_trainer("zeroth_order")
+@register_trainer(ZEROTH_ORDER)
 class ZerothOrderTrainer(Trainer):
     """Rebuilds the global model from the client's history plus the message's, then runs local ZO steps from it."""
 

@@ -1,7 +1,7 @@
 """The run configuration schema (pydantic): sections, keys, defaults and value checks.
 
 This is the platform's core: it knows nothing of methods. Recipe loading, which also checks the
-method's options and declared capabilities, is `fedpeft.recipe`.
+method's options and declared capabilities, is `fedpeft.app.recipe`.
 """
 
 from __future__ import annotations

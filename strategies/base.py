@@ -29,6 +29,7 @@ from fedpeft.nodes import NodeDirectory
 from fedpeft.privacy import ledger
 from fedpeft.records import ARRAYS, NUM_EXAMPLES, SERVER_ROUND, num_examples, reply_metrics
 from fedpeft.seeding import derive_seed
+from fedpeft.methods.contract import FIRST_ORDER, TrainerKind
 from strategies.registry import Capabilities, NoOptions
 from strategies.strategy_utils import check_arrays, check_metrics, required_replies
 
@@ -57,7 +58,7 @@ class AdapterStrategy(FedAvg):
 
     # Set by `strategies.registry.register` from the method's one registration.
     Options: type[BaseModel] = NoOptions
-    client_trainer = "first_order"
+    client_trainer: TrainerKind = FIRST_ORDER
     capabilities = Capabilities()
     method_name = ""
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedpeft.config import Config, ConfigError
 from fedpeft.records import ARRAYS
 from strategies.base import AdapterStrategy
+from fedpeft.methods.contract import FIRST_ORDER
 from strategies.registry import Capabilities, register
 from strategies.strategy_utils import clip_updates, example_weights
 
@@ -39,7 +40,7 @@ def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
     return [(k, k.replace("lora_A", "lora_B")) for k in sorted(keys) if "lora_A" in k and k.replace("lora_A", "lora_B") in keys]
 
 
-@register("fedavg", trainer="first_order", options=FedAvgOptions, capabilities=Capabilities())
+@register("fedavg", trainer=FIRST_ORDER, options=FedAvgOptions, capabilities=Capabilities())
 class FedAvgAdapter(AdapterStrategy):
     """Send the global adapter; average the returned adapters weighted by local example counts.
 

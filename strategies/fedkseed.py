@@ -4,7 +4,7 @@ Clients take ZO steps along directions regenerated from a pool of K shared seeds
 accumulated scalar per seed they used. The server averages the scalars per seed (weighted by
 examples) and applies theta -= lr * sum_s g_s * z_s to its model. A client reaches the current
 global model by replaying the per-round aggregates it has not yet applied, so the download is only
-the history since the last round that client confirmed (`strategies.fedkseed_wire`): a round is
+the history since the last round that client confirmed (`fedpeft.methods.fedkseed_wire`): a round is
 confirmed by an accepted reply, never by a message sent, so a client that missed a round (crashed,
 timed out, reply lost or rejected, round failed) is sent that round again. A client whose local
 history was lost says so (`holds-round`) and is sent the history from there. FedKSeed-Pro samples
@@ -24,9 +24,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.records import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, reply_metrics
-from fedpeft.zo import DIRECTIONS, PackError, replay, seed_pool, tuned_parameters, unpack_scalars
+from fedpeft.methods.zo import DIRECTIONS, PackError, replay, seed_pool, tuned_parameters, unpack_scalars
 from strategies.base import AdapterStrategy
-from strategies.fedkseed_wire import FROM_ROUND, HISTORY, HOLDS_ROUND, SCALARS, SCALARS_RECORD, held_round, pack_history
+from fedpeft.methods.fedkseed_wire import (
+    FROM_ROUND, HISTORY, HOLDS_ROUND, SCALAR_UPLOADS, SCALARS, SCALARS_RECORD, ZEROTH_ORDER, held_round, pack_history,
+)
 from strategies.registry import Capabilities, register
 from strategies.strategy_utils import check_metrics
 
@@ -54,17 +56,17 @@ def read_history_file(path: Path, k: int) -> dict[int, tuple[np.ndarray, np.ndar
     return out
 
 
-ZEROTH_ORDER = Capabilities(
+ZO_CAPABILITIES = Capabilities(
     sample_dp="its clients take zeroth-order steps, while DP-SGD needs per-sample gradients",
     user_dp="its uploads are seeds and scalars, which Flower's DP wrappers cannot clip",
     codecs=(),
     codecs_why="its uploads are already seeds and scalars",
     weighted_mean="a per-seed mean of scalars applied by replay",
-    tensor_uploads="its uploads are seeds and scalars",
+    uploads=SCALAR_UPLOADS,
 )
 
 
-@register("fedkseed", trainer="zeroth_order", options=FedKSeedOptions, capabilities=ZEROTH_ORDER)
+@register("fedkseed", trainer=ZEROTH_ORDER, options=FedKSeedOptions, capabilities=ZO_CAPABILITIES)
 class FedKSeed(AdapterStrategy):
     """Seeds-and-scalars federated ZO tuning; the server's model is the global model."""
 
@@ -200,7 +202,7 @@ class FedKSeed(AdapterStrategy):
         return ArrayRecord(), MetricRecord({TRAIN_LOSS: loss / weight, NUM_EXAMPLES: weight, "seeds": int(idx.size)})
 
 
-@register("fedkseed-pro", trainer="zeroth_order", options=FedKSeedOptions, capabilities=ZEROTH_ORDER)
+@register("fedkseed-pro", trainer=ZEROTH_ORDER, options=FedKSeedOptions, capabilities=ZO_CAPABILITIES)
 class FedKSeedPro(FedKSeed):
     """FedKSeed with history-importance seed sampling (FedKSeed-Pro)."""
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.config import AdapterConfig, Config
 from strategies.fedavg import FedAvgAdapter
+from fedpeft.methods.contract import FIRST_ORDER
 from strategies.registry import Capabilities, register
 from strategies.strategy_utils import require_adapter
 
@@ -30,7 +31,7 @@ def equal_bytes_loha_rank(lora_rank: int) -> int:
     return max(1, round(lora_rank / 2))
 
 
-@register("fedpara", trainer="first_order", options=FedParaOptions, capabilities=Capabilities())
+@register("fedpara", trainer=FIRST_ORDER, options=FedParaOptions, capabilities=Capabilities())
 class FedPara(FedAvgAdapter):
     """Weighted FedAvg of LoHa factors."""
 

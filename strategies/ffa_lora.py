@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from fedpeft.config import Config
 from strategies.fedavg import FedAvgAdapter, FedAvgOptions
+from fedpeft.methods.contract import FIRST_ORDER
 from strategies.registry import Capabilities, register
 from strategies.strategy_utils import require_adapter
 
 
-@register("ffa-lora", trainer="first_order", options=FedAvgOptions, capabilities=Capabilities())
+@register("ffa-lora", trainer=FIRST_ORDER, options=FedAvgOptions, capabilities=Capabilities())
 class FFALoRA(FedAvgAdapter):
     """FedAvg over LoRA B matrices (and the classifier head); A matrices stay at their seeded init."""
 

@@ -22,13 +22,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedpeft.config import AdapterConfig, Config, ConfigError
-from fedpeft.lowrank import assign_ranks, pad_lora, truncate_lora, truncated_shapes
+from fedpeft.methods.lowrank import HETERO_RANK, RANK_KEY, assign_ranks, pad_lora, truncate_lora, truncated_shapes
 from strategies.base import AdapterStrategy
 from strategies.fedavg import FedAvgAdapter, exact_lora
 from strategies.registry import Capabilities, register
 from strategies.strategy_utils import check_arrays, require_adapter
 
-RANK_KEY = "lora-rank"
 
 
 class HeteroRankOptions(BaseModel):
@@ -53,7 +52,7 @@ class HeteroRankOptions(BaseModel):
         return dict(sorted(v.items()))
 
 
-HETERO_RANK = Capabilities(
+RANK_CAPABILITIES = Capabilities(
     sample_dp="DP noise would fill the zero-padded rows, so a client would no longer train its tier's rank",
     user_dp="its clients hold adapters of different ranks, while Flower's wrappers clip every update against "
             "the one global record",
@@ -157,13 +156,13 @@ class HeteroRankLoRA(FedAvgAdapter):
         return tuple({str(k): v[k] for k in sorted(v)} for v in (totals["down"], totals["up"]))
 
 
-@register("hetlora", trainer="hetero_rank", options=HeteroRankOptions, capabilities=HETERO_RANK)
+@register("hetlora", trainer=HETERO_RANK, options=HeteroRankOptions, capabilities=RANK_CAPABILITIES)
 class HetLoRA(HeteroRankLoRA):
     """Zero-pad to the largest rank, example-weighted mean of the factors, truncate per tier."""
 
 
-@register("flexlora", trainer="hetero_rank", options=HeteroRankOptions,
-          capabilities=replace(HETERO_RANK, weighted_mean="the truncated SVD of the weighted mean of B·A"))
+@register("flexlora", trainer=HETERO_RANK, options=HeteroRankOptions,
+          capabilities=replace(RANK_CAPABILITIES, weighted_mean="the truncated SVD of the weighted mean of B·A"))
 class FlexLoRA(HeteroRankLoRA):
     """Example-weighted mean of every client's B·A, re-factorized by truncated SVD (best rank-r per tier)."""
 

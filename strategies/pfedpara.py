@@ -21,13 +21,10 @@ from pydantic import Field
 
 from fedpeft.scores import PRIMARY_BY_KIND
 from fedpeft.records import reply_metrics
+from fedpeft.methods.pfedpara_wire import GLOBAL_LOCAL, LOCAL_TEST, PERSONAL, PFEDPARA, is_local
 from strategies.fedpara import FedPara, FedParaOptions
 from strategies.registry import Capabilities, register
 
-LOCAL_MARK = "hada_w2_"
-LOCAL_SET = "pfedpara-local"
-# Reply keys: the task's primary metric (accuracy, or Rouge-L for causal-lm) on the client's local test split.
-PERSONAL, GLOBAL_LOCAL, LOCAL_TEST = "personal-score", "global-score-local", "local-test-examples"
 
 
 class PFedParaOptions(FedParaOptions):
@@ -36,12 +33,7 @@ class PFedParaOptions(FedParaOptions):
     local_test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each client's data held out")
 
 
-def is_local(key: str) -> bool:
-    """Whether an adapter tensor belongs to the personal factor pair (never leaves the client)."""
-    return LOCAL_MARK in key
-
-
-@register("pfedpara", trainer="pfedpara", options=PFedParaOptions, capabilities=Capabilities(
+@register("pfedpara", trainer=PFEDPARA, options=PFedParaOptions, capabilities=Capabilities(
     sample_dp="its DP-SGD path would train on the whole partition without the personal factor pair",
     user_dp="its clients train a personal factor pair the server never sees, besides the global adapter",
     client_state=True,

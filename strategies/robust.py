@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedpeft.config import Config, ConfigError
 from fedpeft.records import ARRAYS
 from strategies.base import AdapterStrategy
+from fedpeft.methods.contract import FIRST_ORDER
 from strategies.registry import Capabilities, NoOptions, register
 from strategies.strategy_utils import stacked
 
@@ -81,7 +82,7 @@ class RobustAggregator(AdapterStrategy):
                             for k, (_, dtype) in sorted(self.template.items())})
 
 
-@register("fedmedian", trainer="first_order", options=NoOptions,
+@register("fedmedian", trainer=FIRST_ORDER, options=NoOptions,
           capabilities=_capabilities("coordinate-wise median"))
 class FedMedianAdapter(RobustAggregator):
     """Coordinate-wise median of the returned adapters (unweighted)."""
@@ -91,7 +92,7 @@ class FedMedianAdapter(RobustAggregator):
         return self.per_coordinate(valid, lambda x: np.median(x, axis=0))
 
 
-@register("trimmed-mean", trainer="first_order", options=TrimmedMeanOptions,
+@register("trimmed-mean", trainer=FIRST_ORDER, options=TrimmedMeanOptions,
           capabilities=_capabilities("coordinate-wise trimmed mean"))
 class TrimmedMeanAdapter(RobustAggregator):
     """Coordinate-wise mean after dropping the int(beta·n) smallest and largest values (Flower's FedTrimmedAvg)."""
@@ -115,7 +116,7 @@ class TrimmedMeanAdapter(RobustAggregator):
         return self.per_coordinate(valid, lambda x: trim_mean(x, beta))
 
 
-@register("krum", trainer="first_order", options=KrumOptions,
+@register("krum", trainer=FIRST_ORDER, options=KrumOptions,
           capabilities=_capabilities("Krum selection (the one reply closest to its n - f - 2 nearest replies)"))
 class KrumAdapter(RobustAggregator):
     """Krum: the reply with the smallest sum of squared distances to its n − f − 2 nearest replies."""
@@ -186,7 +187,7 @@ class KrumAdapter(RobustAggregator):
         return out
 
 
-@register("multi-krum", trainer="first_order", options=MultiKrumOptions,
+@register("multi-krum", trainer=FIRST_ORDER, options=MultiKrumOptions,
           capabilities=_capabilities("Multi-Krum selection (the mean of the m best-scored replies only)"))
 class MultiKrumAdapter(KrumAdapter):
     """Multi-Krum: the uniform mean of the m replies with the best Krum scores."""

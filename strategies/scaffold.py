@@ -16,11 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.codecs.endpoints import numpy_state, to_record
+from fedpeft.methods.scaffold_wire import CONTROL, SCAFFOLD
 from strategies.fedavg import FedAvgAdapter
 from strategies.registry import Capabilities, register
 
-CONTROL = "control"  # the record holding c (down) or Δc_i (up)
-VARIATE_SET = "scaffold-control"  # the client's c_i in the client state store
 
 
 class ScaffoldOptions(BaseModel):
@@ -30,7 +29,7 @@ class ScaffoldOptions(BaseModel):
     server_lr: float = Field(1.0, gt=0.0, description="η_g: x ← x + η_g (mean(y_i) − x)")
 
 
-@register("scaffold", trainer="scaffold", options=ScaffoldOptions, capabilities=Capabilities(
+@register("scaffold", trainer=SCAFFOLD, options=ScaffoldOptions, capabilities=Capabilities(
     user_dp="its clients also upload their control-variate change, a second view of each update that "
             "Flower's DP wrappers neither clip nor noise",
     client_state=True,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.codecs.endpoints import numpy_state, to_record
 from strategies.fedavg import FedAvgAdapter
+from fedpeft.methods.contract import FIRST_ORDER
 from strategies.registry import Capabilities, register
 
 
@@ -80,7 +81,7 @@ class ServerOptimizer(FedAvgAdapter):
 SERVER_OPT = Capabilities()
 
 
-@register("fedadam", trainer="first_order", options=FedOptOptions, capabilities=SERVER_OPT)
+@register("fedadam", trainer=FIRST_ORDER, options=FedOptOptions, capabilities=SERVER_OPT)
 class FedAdam(ServerOptimizer):
     """Adam on the server: m ← β1 m + (1−β1)Δ, v ← β2 v + (1−β2)Δ², x ← x + η_t m/(√v + τ)."""
 
@@ -98,7 +99,7 @@ class FedAdam(ServerOptimizer):
         return out
 
 
-@register("fedyogi", trainer="first_order", options=FedOptOptions, capabilities=SERVER_OPT)
+@register("fedyogi", trainer=FIRST_ORDER, options=FedOptOptions, capabilities=SERVER_OPT)
 class FedYogi(ServerOptimizer):
     """Yogi on the server: v ← v − (1−β2)Δ² sign(v − Δ²), x ← x + η m/(√v + τ)."""
 
@@ -114,7 +115,7 @@ class FedYogi(ServerOptimizer):
         return out
 
 
-@register("fedadagrad", trainer="first_order", options=FedOptOptions, capabilities=SERVER_OPT)
+@register("fedadagrad", trainer=FIRST_ORDER, options=FedOptOptions, capabilities=SERVER_OPT)
 class FedAdagrad(ServerOptimizer):
     """Adagrad on the server: v ← v + Δ², x ← x + η Δ/(√v + τ) (Flower's FedAdagrad: no first moment)."""
 
@@ -129,7 +130,7 @@ class FedAdagrad(ServerOptimizer):
         return out
 
 
-@register("fedavgm", trainer="first_order", options=FedAvgMOptions, capabilities=SERVER_OPT)
+@register("fedavgm", trainer=FIRST_ORDER, options=FedAvgMOptions, capabilities=SERVER_OPT)
 class FedAvgM(ServerOptimizer):
     """Server momentum: v ← β v + (x − aggregate) (v starts at the first pseudo-gradient), x ← x − lr·v."""
 

@@ -36,8 +36,8 @@ def _flwr_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A real Flower + Ray + peft simulation: pretrained MiniLM-L6 + LoRA, 10 clients, 5 per round, 3 rounds."""
-    from fedpeft.recipe import load
-    from fedpeft.simulation import simulate
+    from fedpeft.app.recipe import load
+    from fedpeft.app.simulate import simulate
 
     out = tmp_path_factory.mktemp("runs")
     cfg = load(QUICK, [f'output.dir="{out}"'])
@@ -52,8 +52,8 @@ def ray_session():
     (as on a cluster) instead of starting and stopping its own, which costs seconds per run."""
     import ray
 
-    from fedpeft.recipe import load
-    from fedpeft.ray_session import ray_init_args
+    from fedpeft.app.recipe import load
+    from fedpeft.app.engine.ray_session import ray_init_args
 
     ray.init(**ray_init_args(load(SMOKE, TINY_RUN), verbose=False))
     yield

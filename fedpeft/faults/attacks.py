@@ -24,10 +24,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from fedpeft.config import FaultsConfig
-from fedpeft.records import ARRAYS
+from fedpeft.records import ARRAYS, CONFIG
 from fedpeft.seeding import rng
 
 REWRITING = ("sign_flip", "scale", "noise", "alie")  # attacks on the reply (label_flip acts on the data)
+LABEL_FLIP_KEY = "fedpeft-label-flip"  # set in the config record a Byzantine label-flipping client trains from
+
+
+def label_flipped(msg: Message) -> bool:
+    """Whether this train message asks the client to train on flipped labels."""
+    return bool(msg.content[CONFIG].get(LABEL_FLIP_KEY, False)) if CONFIG in msg.content.config_records else False
 
 
 def alie_z(n: int, f: int) -> float:

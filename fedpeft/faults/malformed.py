@@ -1,8 +1,9 @@
 """Ways a reply's content can be malformed, by name: used to inject faults and to test the server's checks.
 
 Each kind turns a well-formed reply's RecordDict into a malformed one. `payload` says which uploads
-it applies to: dense adapter tensors ("dense", the `arrays` record), FedKSeed scalars ("scalars",
-the `zo` config record), or any reply ("any", e.g. its metrics). Malformed coded uploads are made
+it applies to: dense adapter tensors (`DENSE`, the `arrays` record), any reply ("any", e.g. its
+metrics), or a method's own upload form, named as the method declares it (`Capabilities.uploads`):
+a method with its own form registers its kinds from its shared module (`register_malformed`). Malformed coded uploads are made
 by the codec tests, and malformed messages (another round's reply, a duplicate, an unsolicited one)
 by `fedpeft.reply_screen`'s tests: neither can be produced by rewriting a reply's content.
 """
@@ -17,15 +18,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.records import ARRAYS, NUM_EXAMPLES
 
-SCALARS = "zo"  # FedKSeed's reply record (strategies.fedkseed.SCALARS_RECORD)
+DENSE = "adapter tensors"  # the upload form of most methods (Capabilities.uploads)
+ANY = "any"
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One way to malform a reply: what it applies to and how."""
+    """One way to malform a reply: the upload form it applies to, how, and whether a reply has that form."""
 
     payload: str
     corrupt: Callable[[RecordDict], RecordDict]
+    present: Callable[[RecordDict], bool] | None = None  # default: dense needs `arrays`, "any" always
 
 
 def _arrays(content: RecordDict) -> dict[str, np.ndarray]:
@@ -85,43 +88,28 @@ def _truncated_buffer(a: np.ndarray) -> Array:
     return Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=good.data[: len(good.data) // 2])
 
 
-def _scalars(blob: bytes) -> Callable[[RecordDict], RecordDict]:
-    def corrupt(c: RecordDict) -> RecordDict:
-        out = RecordDict(dict(c.items()))
-        out[SCALARS] = ConfigRecord({"scalars": blob})
-        return out
-    return corrupt
-
-
 KINDS: dict[str, Kind] = {
     # dense adapter tensors
-    "nan": Kind("dense", _set_first(_fill(float("nan")))),
-    "inf": Kind("dense", _set_first(_fill(float("inf")))),
-    "wrong_shape": Kind("dense", _set_first(lambda a: np.zeros(a.size + 1, a.dtype))),
-    "wrong_dtype": Kind("dense", _set_first(lambda a: a.astype(np.float64))),
-    "corrupt_buffer": Kind("dense", _set_first(_truncated_buffer)),
-    "missing_key": Kind("dense", lambda c: _with_arrays(c, {k: v for k, v in _arrays(c).items() if k != _first(c)})),
-    "extra_key": Kind("dense", lambda c: _with_arrays(c, {**_arrays(c), "injected.weight": np.zeros(4, np.float32)})),
-    "missing_arrays": Kind("dense", _without(ARRAYS)),
-    "extra_record": Kind("dense", _add("injected", ArrayRecord({"x": Array(np.zeros(4, np.float32))}))),
-    "arrays_as_config": Kind("dense", lambda c: _add(ARRAYS, ConfigRecord({"x": 1}))(_without(ARRAYS)(c))),
-    "oversized": Kind("dense", _add("padding", ArrayRecord({"x": Array(np.zeros(1 << 22, np.float32))}))),
+    "nan": Kind(DENSE, _set_first(_fill(float("nan")))),
+    "inf": Kind(DENSE, _set_first(_fill(float("inf")))),
+    "wrong_shape": Kind(DENSE, _set_first(lambda a: np.zeros(a.size + 1, a.dtype))),
+    "wrong_dtype": Kind(DENSE, _set_first(lambda a: a.astype(np.float64))),
+    "corrupt_buffer": Kind(DENSE, _set_first(_truncated_buffer)),
+    "missing_key": Kind(DENSE, lambda c: _with_arrays(c, {k: v for k, v in _arrays(c).items() if k != _first(c)})),
+    "extra_key": Kind(DENSE, lambda c: _with_arrays(c, {**_arrays(c), "injected.weight": np.zeros(4, np.float32)})),
+    "missing_arrays": Kind(DENSE, _without(ARRAYS)),
+    "extra_record": Kind(DENSE, _add("injected", ArrayRecord({"x": Array(np.zeros(4, np.float32))}))),
+    "arrays_as_config": Kind(DENSE, lambda c: _add(ARRAYS, ConfigRecord({"x": 1}))(_without(ARRAYS)(c))),
+    "oversized": Kind(DENSE, _add("padding", ArrayRecord({"x": Array(np.zeros(1 << 22, np.float32))}))),
     # any reply: its metrics
-    "empty": Kind("any", lambda c: RecordDict()),
-    "no_metrics": Kind("any", lambda c: _without(_metrics(c))(c)),
-    "two_metric_records": Kind("any", _add("more-metrics", MetricRecord({NUM_EXAMPLES: 1}))),
-    "zero_examples": Kind("any", _set_metric(NUM_EXAMPLES, 0)),
-    "negative_examples": Kind("any", _set_metric(NUM_EXAMPLES, -5)),
-    "nan_examples": Kind("any", _set_metric(NUM_EXAMPLES, float("nan"))),
-    "absurd_examples": Kind("any", _set_metric(NUM_EXAMPLES, 10**12)),
-    "nan_loss": Kind("any", _set_metric("train-loss", float("nan"))),
-    # FedKSeed scalars
-    "scalars_missing": Kind("scalars", _without(SCALARS)),
-    "scalars_wrong_seeds": Kind("scalars", _scalars(b"S" + (1).to_bytes(4, "little") + (65535).to_bytes(2, "little")
-                                                    + np.float32(1.0).tobytes())),
-    "scalars_non_finite": Kind("scalars", _scalars(b"S" + (1).to_bytes(4, "little") + (0).to_bytes(2, "little")
-                                                   + np.float32("nan").tobytes())),
-    "scalars_truncated": Kind("scalars", _scalars(b"S\x05\x00")),
+    "empty": Kind(ANY, lambda c: RecordDict()),
+    "no_metrics": Kind(ANY, lambda c: _without(_metrics(c))(c)),
+    "two_metric_records": Kind(ANY, _add("more-metrics", MetricRecord({NUM_EXAMPLES: 1}))),
+    "zero_examples": Kind(ANY, _set_metric(NUM_EXAMPLES, 0)),
+    "negative_examples": Kind(ANY, _set_metric(NUM_EXAMPLES, -5)),
+    "nan_examples": Kind(ANY, _set_metric(NUM_EXAMPLES, float("nan"))),
+    "absurd_examples": Kind(ANY, _set_metric(NUM_EXAMPLES, 10**12)),
+    "nan_loss": Kind(ANY, _set_metric("train-loss", float("nan"))),
 }
 
 
@@ -132,8 +120,16 @@ def corrupt(kind: str, content: RecordDict) -> RecordDict:
     return KINDS[kind].corrupt(content)
 
 
+def register_malformed(name: str, kind: Kind) -> None:
+    """Add a malformed-reply kind (a method with its own upload form registers its own)."""
+    if name in KINDS and KINDS[name] != kind:
+        raise ValueError(f"malformed kind '{name}' is already registered")
+    KINDS[name] = kind
+
+
 def applies(kind: str, content: RecordDict) -> bool:
-    """Whether `kind` can malform this reply (dense kinds need an `arrays` record, scalar kinds a `zo` one)."""
-    payload = KINDS[kind].payload
-    return payload == "any" or (payload == "dense" and ARRAYS in content.array_records) or (
-        payload == "scalars" and SCALARS in content.config_records)
+    """Whether `kind` can malform this reply (it has the upload form the kind rewrites)."""
+    k = KINDS[kind]
+    if k.present is not None:
+        return k.present(content)
+    return k.payload == ANY or (k.payload == DENSE and ARRAYS in content.array_records)

@@ -1,6 +1,6 @@
 """The server's part of fault injection: lose the replies the plan drops, let the adversary rewrite Byzantine ones.
 
-The ClientApp's mod (`clients.faults`) injects what happens on a client (crash, straggle,
+The ClientApp's mod (`clients.app.faults`) injects what happens on a client (crash, straggle,
 malformed reply, flipped labels); the server draws the same plan, so it also knows which
 failures were injected and marks them as such in the metrics.
 """
