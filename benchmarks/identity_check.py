@@ -38,7 +38,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "hetlora": ("simulations/hetlora.toml", SMALL),
     "codec-topk-ef": ("simulations/codec-topk-ef.toml", SMALL),
     "fedadam": ("simulations/fedadam.toml", SMALL),
-    "krum": ("simulations/krum.toml", SMALL),
+    "krum": ("simulations/krum.toml", [*SMALL, "sim.clients_per_round=7"]),
 }
 
 TIMING = ("_s", "elapsed", "seconds")
@@ -67,7 +67,7 @@ def fingerprint(recipe: str, overrides: list[str], out_dir: Path, name: str) -> 
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name}: fedpeft simulate failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    (run_dir,) = sorted(out_dir.glob(f"{name}-*"))
+    (run_dir,) = sorted(out_dir.glob(f"{name}-2*"))  # name-<timestamp>, not name-suffix-<timestamp>
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
     return {
         "comm.csv": sha((run_dir / "comm.csv").read_bytes()),
@@ -92,7 +92,9 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1))
     if args.compare:
         before = json.loads(args.compare.read_text())
-        differ = [f"{n}.{k}" for n, fp in result.items() for k, v in fp.items() if before.get(n, {}).get(k) != v]
+        # A fingerprint in --compare may be the 12-digit prefix this script prints.
+        differ = [f"{n}.{k}" for n, fp in result.items() for k, v in fp.items()
+                  if not v.startswith(before.get(n, {}).get(k) or "missing")]
         print("identical" if not differ else "DIFFERENT: " + ", ".join(differ))
         sys.exit(1 if differ else 0)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from logging import INFO, WARNING
 
 import numpy as np
@@ -37,6 +37,36 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from fedpeft.ledger import CommLedger
+
+
+RELEASE_STATE = "user-dp/"  # the prefix of a release mechanism's keys in the server state
+
+
+class ReleaseMechanism(Protocol):
+    """A privacy mechanism in the base pipeline (`fedpeft.privacy.user_level.UserLevelDP`): it samples, adds to
+    the config, aggregates in place of `combine`, keeps state under RELEASE_STATE and reports its figures."""
+
+    def install(self, strategy: "AdapterStrategy") -> None:
+        """Set the strategy's sampler and weighting."""
+
+    def configure(self, arrays: ArrayRecord, config: ConfigRecord) -> ConfigRecord:
+        """This round's config record, with what the mechanism's clients need."""
+
+    def aggregate(self, strategy: "AdapterStrategy", server_round: int,
+                  valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The release from the valid replies (before the server step), or None."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The mechanism's state, keys prefixed by RELEASE_STATE."""
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `state_dict` returned."""
+
+    def summary(self) -> None:
+        """Log its settings."""
+
+    def report(self) -> dict[str, Any]:
+        """Its figures for the round's metrics row and the run summary (e.g. user-level ε)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,12 @@ class AdapterStrategy(FedAvg):
         self.failure: str | None = None  # why the last round failed (sim.min_replies), or None
         # (round, online node ids) -> sampled node ids; a privacy mechanism installs its own (user-level DP: Poisson)
         self.sampler: Callable[[int, list[int]], list[int]] | None = None
+        self.release: ReleaseMechanism | None = None  # replaces `combine` when installed (user-level DP)
+
+    def install(self, mechanism: "ReleaseMechanism") -> None:
+        """Put a release mechanism (user-level DP) into this strategy's pipeline: sampling, config, aggregate."""
+        mechanism.install(self)
+        self.release = mechanism
 
     # ----- what the method changes about models and configs --------------------------------
     @classmethod
@@ -122,6 +158,25 @@ class AdapterStrategy(FedAvg):
         """Method-specific entries for the run summary; none by default."""
         return {}
 
+    def report(self, server_round: int, ledger: "CommLedger") -> dict[str, Any]:
+        """Everything this strategy adds to a round's metrics row: the method's entries and its mechanism's."""
+        return {**self.round_metrics(server_round, ledger), **(self.release.report() if self.release else {})}
+
+    def run_report(self, ledger: "CommLedger", rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything this strategy adds to the run summary: the method's entries and its mechanism's."""
+        return {**self.run_metrics(ledger, rows), **(self.release.report() if self.release else {})}
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The whole server state a resumed run restores: the method's and its mechanism's."""
+        return {**self.state_dict(), **(self.release.state_dict() if self.release else {})}
+
+    def load_server_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `server_state` returned."""
+        own = {k: v for k, v in state.items() if not k.startswith(RELEASE_STATE)}
+        self.load_state_dict(own)
+        if self.release is not None:
+            self.release.load_state_dict({k: v for k, v in state.items() if k.startswith(RELEASE_STATE)})
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Server state beyond the global adapter that a resumed run must restore (optimizer moments…)."""
         return {}
@@ -136,7 +191,9 @@ class AdapterStrategy(FedAvg):
 
     # ----- Flower strategy hooks ------------------------------------------------------------
     def summary(self) -> None:
-        """Log the method and its options."""
+        """Log the mechanism (if any), then the method and its options."""
+        if self.release is not None:
+            self.release.summary()
         log(INFO, "fedpeft method '%s' with options %s", self.method_name, self.options)
 
     def sample(self, server_round: int, grid) -> list[int]:
@@ -151,7 +208,8 @@ class AdapterStrategy(FedAvg):
         """Send the global adapter and the round number to this round's sampled clients."""
         nodes = self.sample(server_round, grid)
         self.global_arrays = arrays
-        # Keys a wrapper added (e.g. Flower's DP wrappers: the clipping norm) travel along.
+        if self.release is not None:  # e.g. the clipping bound client-side clipping reads
+            config = self.release.configure(arrays, config)
         config = ConfigRecord({**dict(config or {}), SERVER_ROUND: server_round})
         extra = self.extra_records(server_round)
         if self.codecs is not None and self.codecs.down is not None:
@@ -177,11 +235,14 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the valid replies; None (global unchanged) if none is valid."""
+        """accept → combine (or the installed mechanism's aggregate) → server step; None keeps the global unchanged."""
         valid = self.accept(server_round, replies)
-        if not valid:
+        if self.release is not None:
+            aggregate, metrics = self.release.aggregate(self, server_round, valid)
+        elif not valid:
             return None, None
-        aggregate, metrics = self.combine(server_round, valid)
+        else:
+            aggregate, metrics = self.combine(server_round, valid)
         return (self.server_step(server_round, aggregate) if aggregate is not None else None), metrics
 
     def server_step(self, server_round: int, aggregate: ArrayRecord) -> ArrayRecord:

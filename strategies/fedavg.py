@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.config import Config, ConfigError
 from fedpeft.records import ARRAYS
 from strategies.base import AdapterStrategy
 from fedpeft.methods.contract import FIRST_ORDER
+from strategies.options import LoraAggregationOptions, UpdateClipOptions, clip_norm, exact_lora_aggregation
 from strategies.registry import Capabilities, register
 from strategies.strategy_utils import clip_updates, example_weights
 
 
-class FedAvgOptions(BaseModel):
+class FedAvgOptions(LoraAggregationOptions, UpdateClipOptions):
     """Recipe keys of `[method]` for fedavg."""
-
-    model_config = ConfigDict(extra="forbid")
-    lora_aggregation: Literal["separate", "exact"] = Field(
-        "separate", description="average LoRA A and B separately, or average B·A and re-factorize by SVD"
-    )
-    clip_norm: float = Field(0.0, ge=0.0, description="if > 0, clip each client's update to this L2 norm first")
 
 
 def refactorize(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,10 +45,10 @@ class FedAvgAdapter(AdapterStrategy):
     def validate_config(cls, cfg: Config) -> None:
         """Refuse exact LoRA aggregation or update clipping with a non-mean merge, and exact LoRA with user-level DP."""
         opts = cls.Options.model_validate(cfg.method.options())
-        if getattr(opts, "clip_norm", 0.0) > 0 and cfg.codecs.merge != "mean":
+        if clip_norm(opts) > 0 and cfg.codecs.merge != "mean":
             raise ConfigError(f"method.clip_norm clips the updates of the mean: it needs codecs.merge = 'mean' "
                               f"(got '{cfg.codecs.merge}')")
-        if getattr(opts, "lora_aggregation", "separate") != "exact":
+        if not exact_lora_aggregation(opts):
             return
         if cfg.codecs.merge != "mean":
             raise ConfigError(
@@ -71,11 +63,11 @@ class FedAvgAdapter(AdapterStrategy):
 
     def combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted average (of updates clipped to `clip_norm` if set); exact LoRA: SVD of mean(B·A) per pair."""
-        bound = getattr(self.options, "clip_norm", 0.0)
+        bound = clip_norm(self.options)
         if bound > 0:
             clip_updates(valid, self.reference, bound)
         arrays, metrics = super().combine(server_round, valid)
-        if getattr(self.options, "lora_aggregation", "separate") == "exact" and arrays is not None:
+        if exact_lora_aggregation(self.options) and arrays is not None:
             arrays = exact_lora(arrays, valid)
         return arrays, metrics
 

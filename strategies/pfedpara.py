@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from pydantic import Field
 
+from fedpeft.config import Config
 from fedpeft.scores import PRIMARY_BY_KIND
 from fedpeft.records import reply_metrics
 from fedpeft.methods.pfedpara_wire import GLOBAL_LOCAL, LOCAL_TEST, PERSONAL, PFEDPARA, is_local

@@ -134,7 +134,7 @@ class KrumAdapter(RobustAggregator):
             raise ConfigError(
                 f"method '{cls.method_name}' with method.f = {opts.f} needs sim.clients_per_round > 2 * f + 2 = "
                 f"{2 * opts.f + 2} (got {n}): lower method.f or raise sim.clients_per_round")
-        m = getattr(opts, "m", None)
+        m = opts.m if isinstance(opts, MultiKrumOptions) else None
         if m is not None and m > n - opts.f:
             raise ConfigError(
                 f"method.m = {m} exceeds sim.clients_per_round - method.f = {n} - {opts.f} = {n - opts.f}: "

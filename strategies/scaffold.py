@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.codecs.endpoints import numpy_state, to_record
 from fedpeft.methods.scaffold_wire import CONTROL, SCAFFOLD
 from strategies.fedavg import FedAvgAdapter
+from strategies.options import ServerLrOptions
 from strategies.registry import Capabilities, register
 
 
 
-class ScaffoldOptions(BaseModel):
-    """Recipe keys of `[method]` for scaffold."""
-
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1.0, gt=0.0, description="η_g: x ← x + η_g (mean(y_i) − x)")
+class ScaffoldOptions(ServerLrOptions):
+    """Recipe keys of `[method]` for scaffold (server_lr: x ← x + η_g (mean(y_i) − x))."""
 
 
 @register("scaffold", trainer=SCAFFOLD, options=ScaffoldOptions, capabilities=Capabilities(

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedpeft.codecs.endpoints import numpy_state, to_record
 from strategies.fedavg import FedAvgAdapter
 from fedpeft.methods.contract import FIRST_ORDER
+from strategies.options import ServerLrOptions
 from strategies.registry import Capabilities, register
 
 
@@ -31,11 +32,9 @@ class FedOptOptions(BaseModel):
     tau: float = Field(1e-3, gt=0.0, description="adaptivity τ (added to sqrt(v))")
 
 
-class FedAvgMOptions(BaseModel):
+class FedAvgMOptions(ServerLrOptions):
     """Recipe keys of `[method]` for fedavgm."""
 
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1.0, gt=0.0, description="server learning rate")
     momentum: float = Field(0.5, ge=0.0, lt=1.0, description="server momentum β: v ← β v + (x − aggregate)")
 
 

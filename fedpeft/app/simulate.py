@@ -205,7 +205,7 @@ def register_nodes(num_nodes: int, state_factory, seed: int) -> dict[int, int]:
     of one fixed width make the same config and seed give byte-identical messages.
     """
     ids = iter([fixed_width_id(seed, "node-id", i) for i in range(num_nodes)])
-    # Flower 1.41's create_node draws the id through this module global; only node ids are drawn meanwhile.
+    # Flower's create_node (1.41, 1.42) draws the id through this module global; only node ids are drawn meanwhile.
     with flower.replaced("generate_rand_int_from_bytes", lambda num_bytes, exclude=None: next(ids)):
         mapping = flower.get("register_nodes")(num_nodes=num_nodes, state_factory=state_factory)
     if len(mapping) != num_nodes or 0 in mapping:

@@ -89,7 +89,7 @@ class PrivacyLedger:
         return [float(r[2]) for r in rows]
 
     def record_user(self, server_round: int, p: dict[str, float]) -> None:
-        """Log the run's user-level ε after `server_round` (from `UserDPStrategy.privacy()`)."""
+        """Log the run's user-level ε after `server_round` (from `UserLevelDP.report()`)."""
         self._append([[server_round, -1, p["user_epsilon"], p["user_delta"], p["user_noise_multiplier"],
                        int(p["user_releases"]), p["user_sample_rate"], "user", ACCEPTED, ""]])
 

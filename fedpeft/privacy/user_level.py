@@ -24,13 +24,12 @@ Flower's primitives are used for clipping (`compute_clip_model_update`) and for 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, get_norm
 
@@ -119,14 +118,16 @@ def check_config(cfg: Config) -> None:
                               f"{err} (raise dp.user.clipped_count_stddev)") from None
 
 
-class UserDPStrategy:
-    """A fedpeft strategy with user-level DP: Poisson sampling, validate, clip, sum, noise, fixed denominator.
+class UserLevelDP:
+    """User-level DP as a hook of a strategy's pipeline: Poisson sampling, then clip, sum, noise, fixed denominator.
 
-    Everything else (initial arrays, export, rejections, per-client metrics) is the wrapped strategy's.
+    Installed on a strategy (`with_user_dp`), it draws the round's clients (`sampler`), adds the
+    clipping bound to what client-side clipping reads (`configure`), and takes the place of the
+    strategy's `combine` (`aggregate`): the strategy still validates every reply first and takes its
+    server step after. Its settings and ε are what the strategy reports (`report`).
     """
 
-    def __init__(self, strategy, cfg: Config, simulated: bool = True) -> None:
-        self.strategy = strategy
+    def __init__(self, cfg: Config, simulated: bool = True) -> None:
         self.cfg = cfg
         self.plan = plan(cfg)
         self.source = noise_source(cfg, simulated)
@@ -141,57 +142,55 @@ class UserDPStrategy:
         self.releases = 0
         self.keys: list[str] = []
         self.last_round: dict[str, float] = {}
+        self.directory = None
+
+    def install(self, strategy) -> None:
+        """Make `strategy` sample by Poisson draws and weigh each clipped update alike."""
+        self.directory = strategy.directory
         strategy.weighted_by_key = UNIFORM_KEY
         strategy.sampler = self._sample
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.strategy, name)
 
     def _sample(self, server_round: int, online: list[int]) -> list[int]:
         # The draw must be secret for the amplification by sampling to hold: OS entropy outside simulation.
         gen = numpy_noise_rng(self.source, self.cfg.sim.seed, server_round, "user-dp-sample")
-        return self.strategy.directory.sample_poisson(gen, self.plan.sample_rate, online)
+        return self.directory.sample_poisson(gen, self.plan.sample_rate, online)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The wrapped strategy's state, the releases so far and the (adaptive) clipping bound."""
-        return {**self.strategy.state_dict(), "user-dp/releases": np.asarray(self.releases),
+        """The releases so far and the (adaptive) clipping bound."""
+        return {"user-dp/releases": np.asarray(self.releases),
                 "user-dp/clipping-norm": np.asarray(self.clipping_norm, dtype=np.float64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what `state_dict` returned."""
-        self.strategy.load_state_dict({k: v for k, v in state.items() if not k.startswith("user-dp/")})
         self.releases = int(state["user-dp/releases"])
         self.clipping_norm = float(state["user-dp/clipping-norm"])
 
     def summary(self) -> None:
-        """Log the mechanism's settings, then the method's."""
+        """Log the mechanism's settings."""
         p = self.plan
         log(INFO, "user-level DP: %s client sampling at q = %.4g (expected %.4g per round), %s adjacency, "
             "%s clipping at C = %.4g (%s side), noise multiplier %.4g (update %.4g, clipped count σ_b %.4g), "
             "fixed denominator %.4g, δ = %g, %s noise", SAMPLING, p.sample_rate, p.expected_clients, ADJACENCY,
             self.cfg.dp.user.clipping, self.clipping_norm, self.cfg.dp.user.side, p.noise_multiplier,
             self.update_multiplier, self.count_stddev, p.expected_clients, p.delta, self.source)
-        self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
-        """The method's messages to this round's Poisson-sampled clients (client side: with the clipping bound)."""
+    def configure(self, arrays: ArrayRecord, config: ConfigRecord) -> ConfigRecord:
+        """The round's config, with the clipping bound Flower's client mods read when clients clip."""
         self.keys = list(arrays.keys())
         config = ConfigRecord(dict(config or {}))
         if self.cfg.dp.user.side == "client":
-            config[KEY_CLIPPING_NORM] = self.clipping_norm  # what Flower's clipping mods read
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+            config[KEY_CLIPPING_NORM] = self.clipping_norm
+        return config
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate (fedpeft), clip, sum, add N(0, σ²C²), divide by the expected count; then the server step."""
-        replies = list(replies)
+    def aggregate(self, strategy, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, None]:
+        """Clip each valid reply's update, sum, add N(0, σ²C²), divide by the expected count (before the server step)."""
         # The mechanism runs (and is accounted) every round clients were sampled, whatever arrives.
-        if self.strategy.sent:
+        if strategy.sent:
             self.releases += 1
-        valid = self.strategy.accept(server_round, replies)
-        if not self.strategy.sent:
-            self.strategy.failure = (f"Poisson client sampling (q = {self.plan.sample_rate:.4g}) drew no client "
-                                     "this round")
-        reference = self.strategy.global_arrays
+        else:
+            strategy.failure = (f"Poisson client sampling (q = {self.plan.sample_rate:.4g}) drew no client "
+                                "this round")
+        reference = strategy.global_arrays
         if not valid or reference is None:
             self.last_round = {}
             return None, None
@@ -200,7 +199,7 @@ class UserDPStrategy:
         unclipped = 0
         bound = self.clipping_norm  # the bound this round's updates were clipped to (the noise must match it)
         for msg in valid:
-            rec, sent = msg.content["arrays"], self.strategy.reference(msg.metadata.src_node_id)
+            rec, sent = msg.content["arrays"], strategy.reference(msg.metadata.src_node_id)
             delta = [rec[k].numpy().astype(np.float64) - sent[k].numpy().astype(np.float64) for k in self.keys]
             norm = get_norm(delta)
             scale = min(1.0, bound / norm) if norm > 0 else 1.0
@@ -223,7 +222,7 @@ class UserDPStrategy:
         if self.adaptive:
             self._update_bound(unclipped, len(valid), gen)
         # A server optimizer acts on the noised mean: post-processing, so ε is unchanged.
-        return self.strategy.server_step(server_round, ArrayRecord(new)), None
+        return ArrayRecord(new), None
 
     def _update_bound(self, unclipped: int, replies: int, gen: np.random.Generator) -> None:
         """C ← C·exp(−η(b̃ − γ)), b̃ the noised fraction of unclipped updates from centred indicators."""
@@ -234,7 +233,7 @@ class UserDPStrategy:
         self.clipping_norm *= math.exp(-u.clip_norm_lr * (fraction - u.target_quantile))
         self.last_round["user_unclipped_fraction_noised"] = fraction
 
-    def privacy(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         """User-level ε, δ, noise multiplier, sampling, releases so far, this round's noise and the clipping bound."""
         return {"user_epsilon": epsilon(self.plan, self.releases), "user_delta": self.plan.delta,
                 "user_noise_multiplier": self.plan.noise_multiplier, "user_releases": self.releases,
@@ -244,5 +243,7 @@ class UserDPStrategy:
 
 
 def with_user_dp(strategy, cfg: Config, simulated: bool = True):
-    """`strategy` wrapped for user-level DP when dp.user.enabled, else `strategy` itself."""
-    return UserDPStrategy(strategy, cfg, simulated) if cfg.dp.user.enabled else strategy
+    """`strategy` with user-level DP installed in its pipeline when dp.user.enabled; returns `strategy`."""
+    if cfg.dp.user.enabled:
+        strategy.install(UserLevelDP(cfg, simulated))
+    return strategy

@@ -21,7 +21,8 @@ from fedpeft.config import ConfigError
 from fedpeft.app.recipe import load, validate
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory
-from fedpeft.privacy.user_level import UserDPStrategy, with_user_dp
+from fedpeft.privacy.user_level import with_user_dp
+from strategies.base import AdapterStrategy
 from strategies import get_strategy_class
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def _identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
 
 
-def _strategy(cfg) -> UserDPStrategy:
+def _strategy(cfg) -> AdapterStrategy:
     model = build_model(cfg, num_labels=2)
     return with_user_dp(get_strategy_class(cfg.method.name)(cfg, NodeDirectory(NODES), model), cfg)
 
@@ -94,7 +95,7 @@ def test_clients_are_sampled_by_poisson_at_the_accounted_rate():
     assert set(counts) == {0, 1, 2, 3, 4}
     assert abs(np.mean(counts) - 2.0) < 0.1 and abs(np.var(counts) - 1.0) < 0.15
     assert all(abs(c / 400 - 0.5) < 0.1 for c in picked)
-    assert s.privacy()["user_sampling"] == "poisson" and s.privacy()["user_adjacency"] == "add/remove one user"
+    assert s.release.report()["user_sampling"] == "poisson" and s.release.report()["user_adjacency"] == "add/remove one user"
 
 
 @pytest.mark.parametrize("mechanism,cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
@@ -106,7 +107,7 @@ def test_user_epsilon_equals_opacus_accountant_for_client_rate_and_rounds(mechan
         _, new = _round(s, rnd, arrays)
         arrays = new if new is not None else arrays
         acc.step(noise_multiplier=1.3, sample_rate=2 / 4)  # one release per round at q = 2 of 4 clients
-        p = s.privacy()
+        p = s.release.report()
         assert p["user_releases"] == rnd and p["user_sample_rate"] == 0.5 and p["user_delta"] == 1 / 40
         assert p["user_epsilon"] == pytest.approx(acc.get_epsilon(delta=1 / 40), rel=1e-9)
 
@@ -129,7 +130,7 @@ def test_user_epsilon_matches_an_independent_accountant_for_poisson_sampling(nm,
 
 def test_target_epsilon_is_met_after_the_configured_rounds():
     cfg = _cfg(target_epsilon=3.0)
-    nm = _strategy(cfg).plan.noise_multiplier
+    nm = _strategy(cfg).release.plan.noise_multiplier
     acc = RDPAccountant()
     acc.history = [(nm, 0.5, 3)]
     assert 2.9 <= acc.get_epsilon(delta=1 / 40) <= 3.0
@@ -144,7 +145,7 @@ def test_a_round_whose_replies_are_all_rejected_is_still_accounted():
     bad = _replies(msgs, [{k: np.full(arrays[k].shape, np.nan, np.float32) for k in arrays}] * len(msgs),
                    [5] * len(msgs))
     assert s.aggregate_train(rnd, bad) == (None, None)
-    assert s.privacy()["user_releases"] == 1 and s.privacy()["user_epsilon"] > 0
+    assert s.release.report()["user_releases"] == 1 and s.release.report()["user_epsilon"] > 0
     assert len(s.pop_rejections()) == len(msgs) and s.failure
 
 
@@ -154,7 +155,7 @@ def test_a_round_that_samples_no_client_fails_with_the_reason():
     rnd = next(r for r in range(1, 200) if not s.sample(r, _Grid()))
     assert list(s.configure_train(rnd, arrays, ConfigRecord(), _Grid())) == []
     assert s.aggregate_train(rnd, []) == (None, None)
-    assert "drew no client" in s.failure and s.privacy()["user_releases"] == 0
+    assert "drew no client" in s.failure and s.release.report()["user_releases"] == 0
 
 
 # ----- noise: a fixed denominator ---------------------------------------------------------------------
@@ -184,7 +185,7 @@ def test_noise_per_client_is_unchanged_when_half_the_sampled_clients_fail():
                                                  * len(kept), [5] * len(kept)))
         noise = np.concatenate([(new[k].numpy() - arrays[k].numpy()).ravel() for k in arrays])
         stds[label] = float(noise.std())
-        assert s.privacy()["user_effective_noise_multiplier"] == pytest.approx(nm)
+        assert s.release.report()["user_effective_noise_multiplier"] == pytest.approx(nm)
     expected = nm * bound / 4  # σ·C / (q·N) with q·N = 4 expected clients
     assert stds["all"] == pytest.approx(expected, rel=0.05) and stds["half"] == pytest.approx(expected, rel=0.05)
 
@@ -194,7 +195,7 @@ class _Grid8:
         return list(range(201, 209))
 
 
-def _strategy8(cfg) -> UserDPStrategy:
+def _strategy8(cfg) -> AdapterStrategy:
     model = build_model(cfg, num_labels=2)
     return with_user_dp(get_strategy_class(cfg.method.name)(cfg, NodeDirectory({201 + i: i for i in range(8)}), model), cfg)
 
@@ -210,7 +211,7 @@ def test_seeded_noise_repeats_in_simulation_and_os_noise_differs_in_deployment()
             _, new = _round(s, rnd, arrays)
             if new is not None:
                 break
-        assert s.privacy()["user_noise_source"] == ("seeded" if simulated else "os")
+        assert s.release.report()["user_noise_source"] == ("seeded" if simulated else "os")
         return np.concatenate([new[k].numpy().ravel() for k in new])
 
     np.testing.assert_array_equal(release(True), release(True))
@@ -279,7 +280,7 @@ def test_adaptive_clipping_round_against_a_hand_computation():
         expected = arrays[k].numpy().astype(np.float64) + (clipped[0][k] + clipped[1][k] + noise) / 2
         np.testing.assert_allclose(new[k].numpy(), expected, rtol=1e-5, atol=1e-7)
     unclipped_fraction = (1 - 0.5 * 2 + gen.normal(0.0, sb)) / 2 + 0.5
-    assert s.privacy()["user_clipping_norm"] == pytest.approx(c0 * math.exp(-lr * (unclipped_fraction - gamma)), rel=1e-12)
+    assert s.release.report()["user_clipping_norm"] == pytest.approx(c0 * math.exp(-lr * (unclipped_fraction - gamma)), rel=1e-12)
 
 
 @pytest.mark.parametrize("scale,grows", [(1.0, True), (1e-5, False)], ids=["all-clipped", "none-clipped"])
@@ -288,10 +289,10 @@ def test_adaptive_clipping_moves_the_bound_towards_the_target_quantile(scale, gr
     arrays = s.initial_arrays()
     rounds = [r for r in range(1, 60) if len(s.sample(r, _Grid())) == 2][:3]
     for rnd in rounds:  # every update far above (below) the bound: the bound grows (shrinks) each round
-        before = s.privacy()["user_clipping_norm"]
+        before = s.release.report()["user_clipping_norm"]
         _, new = _round(s, rnd, arrays, scale=scale)
         arrays = new
-        assert (s.privacy()["user_clipping_norm"] > before) == grows
+        assert (s.release.report()["user_clipping_norm"] > before) == grows
 
 
 def test_server_side_clipping_applies_to_decoded_codec_uploads():

@@ -1,4 +1,4 @@
-"""A cheaper message dispatcher for Flower's simulation engine (flwr 1.41).
+"""A cheaper message dispatcher for Flower's simulation engine (flwr 1.41 and 1.42).
 
 Flower's `vce_api.add_messages_to_queue` asks the LinkState, every 0.1 s, for the next message
 of each virtual node in turn: one `get_message_ins(node_id, limit=1)` per node, each scanning

@@ -29,7 +29,7 @@ from typing import Any
 
 import flwr
 
-WRITTEN_FOR = "1.41.0"  # the Flower release every entry below was read against (pinned in pyproject.toml)
+WRITTEN_FOR = "1.42.0"  # the Flower release every entry below was checked against (pinned in pyproject.toml)
 
 log = logging.getLogger("fedpeft.app.engine.flower")
 

@@ -17,7 +17,7 @@ before, or re-run up to `sim.client_retries` times on a fresh worker first. `wor
 installs the subclass for the duration of one engine run; Flower's `start_vce` imports
 `RayBackend` from that module when it builds the backend, so the patch is that one attribute.
 It relies on `BasicActorPool`'s internals (`submit`, `fetch_result_and_return_actor_to_pool`, the
-idle list `pool`, `create_actor_fn`, `_future_to_actor`) as they are in flwr 1.41.0, pinned in
+idle list `pool`, `create_actor_fn`, `_future_to_actor`) as they are in the Flower release pinned in
 pyproject.toml: if Flower's backend module or those pool methods are not there, the patch is not
 installed and Flower's behaviour is left as it is, with a warning in run.log.
 
