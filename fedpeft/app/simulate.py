@@ -218,7 +218,7 @@ def _run_engine(cfg: Config, run_config: dict, client_app, on_round: RoundCallba
     # Flower's engine pieces, as flwr.simulation.run_simulation assembles them (fedpeft.app.engine.flower).
     from flwr.app import Context, RecordDict
 
-    if found := flower.problems("engine", version=False):
+    if found := flower.problems("engine", version=False) + flower.problems("node-ids", version=False):
         raise flower.FlowerChanged("Flower's simulation engine changed: " + "; ".join(found))
     if flwr_version := flower.problems("engine")[:1]:
         logging.getLogger("fedpeft.app.engine.flower").warning("%s", flwr_version[0])

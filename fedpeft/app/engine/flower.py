@@ -10,11 +10,12 @@ module globals for the length of a run:
 
 Each internal is named here with the module, the attribute and, for a callable fedpeft calls or
 replaces, the parameters it relies on. `problems()` lists what no longer matches in the installed
-Flower; `tests/unit/test_flower_internals.py` fails on any of them, naming it. At run time a patch
-is installed only when the installed Flower is the version it was written for and its internals
-are all there; otherwise Flower's own behaviour is kept and run.log says so. The engine's own
-entry points (`engine` below) have no fallback: a missing one stops the run with a clear error
-(another Flower version with every one of them present runs, with a warning).
+Flower; `tests/unit/test_flower_internals.py` fails on any of them, naming it. At run time the
+dispatcher and Ray-backend replacements are installed only under the Flower version they were
+written for with every internal present; otherwise Flower's own behaviour is kept and run.log says
+so (they change cost and recovery, not results). The engine's entry points and the seeded node ids
+(`engine`, `node-ids`) have no fallback, since results depend on them: a missing one stops the run
+with a clear error; another Flower version with all of them present runs, with a warning.
 """
 
 from __future__ import annotations
