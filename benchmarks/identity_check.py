@@ -30,7 +30,7 @@ SMALL = [
 
 RUNS: dict[str, tuple[str, list[str]]] = {
     "default": ("simulations/default.toml", []),
-    "scaffold": ("simulations/scaffold.toml", SMALL),
+    "scaffold": ("simulations/scaffold-mean-grad.toml", SMALL),  # the AdamW variant (scaffold.toml: plain SGD)
     "fedkseed": ("simulations/fedkseed.toml", SMALL),
     "dp-user": ("simulations/dp-user.toml", SMALL),
     "dp": ("simulations/dp.toml", SMALL),

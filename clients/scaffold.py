@@ -1,11 +1,10 @@
 """SCAFFOLD clients: train with the correction c − c_i, keep c_i in the client state store, upload Δc_i.
 
 The correction is added in `adjust_gradients` (after backward; with DP-SGD after clipping and
-noise: it depends on no example). The new client variate is the mean of the round's minibatch
-gradients before correction, c_i⁺ = (1/K) Σ_k g_k. With plain SGD this is exactly the paper's
-option II, c_i − c + (x − y_i)/(K·η_l), since y_i = x − η_l Σ_k (g_k + c − c_i); unlike option II it
-stays in gradient units with any optimizer (with Adam, (x − y_i)/(K·η_l) is a normalized step, not
-a gradient, and the correction then swamps the gradients).
+noise: it depends on no example). The new client variate follows the method's `variate`:
+option II, c_i⁺ = c_i − c + (x − y_i)/(K·η_l) from the adapter's change over the K steps (`scaffold`,
+plain SGD), or the mean of the round's minibatch gradients before correction, (1/K) Σ_k g_k
+(`scaffold-mean-grad`). Under plain SGD the two agree, since y_i = x − η_l Σ_k (g_k + c − c_i).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from clients.first_order import FirstOrderTrainer
 from clients.local_steps import LocalRound
 from clients.registry import register_trainer
-from fedpeft.methods.scaffold_wire import CONTROL, SCAFFOLD, VARIATE_SET
+from fedpeft.methods.scaffold_wire import CONTROL, OPTION_II, SCAFFOLD, VARIATE_SET
 
 
 @register_trainer(SCAFFOLD)
@@ -49,7 +48,14 @@ class ScaffoldTrainer(FirstOrderTrainer):
         reply = super().upload(ctx, metrics)
         c_i = ctx.scratch["c_i"]
         new = dict(c_i)  # a client that took no step keeps its variate
-        if ctx.steps:
+        if ctx.steps and self.method.variate == OPTION_II:
+            x = ctx.msg.content["arrays"]  # the global adapter this round started from
+            step = ctx.steps * self.rt.cfg.train.lr
+            for key in ctx.scratch["keys"]:
+                y = self.exchanged_parameters[key].detach().cpu().numpy().astype(np.float64)
+                value = c_i[key] - ctx.scratch["c"][key] + (x[key].numpy().astype(np.float64) - y) / step
+                new[key] = value.astype(c_i[key].dtype)
+        elif ctx.steps:
             for key, total in zip(ctx.scratch["keys"], ctx.scratch["grad_sum"]):
                 new[key] = (total / ctx.steps).cpu().numpy().astype(c_i[key].dtype)
         self.store(ctx.msg).save_arrays(ctx.cid, VARIATE_SET, new)

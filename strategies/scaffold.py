@@ -2,8 +2,13 @@
 
 The server keeps a control variate c (one tensor per exchanged adapter tensor) and sends it with
 the global adapter; each client keeps its own c_i in the client state store, trains with the
-gradient correction c − c_i, and uploads its adapter together with Δc_i (c_i⁺ is the mean of the
-round's minibatch gradients: the paper's option II exactly under plain SGD, see clients/scaffold.py).
+gradient correction c − c_i, and uploads its adapter together with Δc_i.
+
+- `scaffold`: as published. Plain local SGD (the paper's setting; other optimizers are refused) and
+  option II, c_i⁺ = c_i − c + (x − y_i)/(K·η_l), from the K steps at local learning rate η_l.
+- `scaffold-mean-grad`: c_i⁺ is the mean of the round's minibatch gradients before correction. Under
+  plain SGD it equals option II; unlike option II it stays in gradient units with AdamW, where
+  (x − y_i)/(K·η_l) is a normalized step and the correction swamps the gradients.
 The server averages the adapters like FedAvg and moves
 c ← c + (|S|/N)·mean(Δc_i). Both variates travel as real records, so the ledger charges them in
 both directions, as a deployment sends them.
@@ -15,7 +20,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.codecs.endpoints import numpy_state, to_record
-from fedpeft.methods.scaffold_wire import CONTROL, SCAFFOLD
+from fedpeft.config import Config, ConfigError
+from fedpeft.methods.scaffold_wire import CONTROL, MEAN_GRADIENT, OPTION_II, SCAFFOLD
 from strategies.fedavg import FedAvgAdapter
 from strategies.options import ServerLrOptions
 from strategies.registry import Capabilities, register
@@ -32,7 +38,19 @@ class ScaffoldOptions(ServerLrOptions):
     client_state=True,
 ))
 class Scaffold(FedAvgAdapter):
-    """FedAvg of the adapters plus server and client control variates (SCAFFOLD, option II)."""
+    """FedAvg of the adapters plus server and client control variates (SCAFFOLD, option II, plain SGD)."""
+
+    variate = OPTION_II  # how clients compute c_i⁺ (read by the client half)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """Option II reads (x − y_i)/(K·η_l) as a gradient: plain SGD only, as in the paper."""
+        super().validate_config(cfg)
+        t = cfg.train
+        if t.optimizer != "sgd" or t.momentum != 0:
+            raise ConfigError(f"method.name = 'scaffold' is SCAFFOLD as published: option II needs plain local SGD "
+                              f"(train.optimizer = 'sgd', train.momentum = 0; got '{t.optimizer}', momentum "
+                              f"{t.momentum:g}); for AdamW use method.name = 'scaffold-mean-grad'")
 
     def __init__(self, cfg, directory, model, workdir=None) -> None:
         super().__init__(cfg, directory, model, workdir)
@@ -74,3 +92,15 @@ class Scaffold(FedAvgAdapter):
         """Restore the server control variate."""
         for key in self.control:
             self.control[key] = np.asarray(state[f"control/{key}"], dtype=self.control[key].dtype)
+
+
+@register("scaffold-mean-grad", trainer=SCAFFOLD, options=ScaffoldOptions, capabilities=Scaffold.capabilities)
+class ScaffoldMeanGrad(Scaffold):
+    """SCAFFOLD whose client variate is the mean minibatch gradient: works with any local optimizer."""
+
+    variate = MEAN_GRADIENT
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """Any local optimizer."""
+        FedAvgAdapter.validate_config(cfg)

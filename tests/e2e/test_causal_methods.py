@@ -56,6 +56,8 @@ def _raw(method: str) -> dict:
         adapter = {k: v for k, v in own.get("adapter", {}).items() if k != "target_modules"}
         if adapter.get("type", "lora") != "lora":
             raw["adapter"] = {**adapter, "r": 2}
+        # the local optimizer the method's recipe needs (SCAFFOLD as published: plain SGD)
+        raw["train"].update({k: v for k, v in own.get("train", {}).items() if k in ("optimizer", "momentum")})
     raw["method"]["name"] = method
     if method.startswith("fedkseed"):
         raw["method"]["num_seeds"] = 64

@@ -157,7 +157,7 @@ def test_server_optimizers_accept_upload_codecs_and_user_level_dp():
 
 # ----- SCAFFOLD --------------------------------------------------------------------------------------
 def test_scaffold_sends_the_control_variate_and_updates_it_by_the_formula():
-    server, _ = _server("scaffold")
+    server, _ = _server("scaffold", 'train.optimizer="sgd"')
     arrays = server.initial_arrays()
     msgs = list(server.configure_train(1, arrays, ConfigRecord(), _Grid()))
     assert all(CONTROL in m.content.array_records for m in msgs)
@@ -174,7 +174,7 @@ def test_scaffold_sends_the_control_variate_and_updates_it_by_the_formula():
 
 
 def test_scaffold_reply_without_the_variate_is_rejected():
-    server, _ = _server("scaffold")
+    server, _ = _server("scaffold-mean-grad")
     msgs = list(server.configure_train(1, server.initial_arrays(), ConfigRecord(), _Grid()))
     replies = [_reply(m.metadata.dst_node_id, _state(m.content["arrays"]), 10) for m in msgs]
     new, _ = server.aggregate_train(1, replies)
@@ -199,8 +199,10 @@ def _train_msg(arrays: dict, rnd: int, control: dict | None = None) -> Message:
     return msg
 
 
-def test_scaffold_client_applies_the_correction_and_keeps_its_variate(task, tmp_path):
-    trainer, rt = _client("scaffold", task, tmp_path)
+@pytest.mark.parametrize("method", ["scaffold", "scaffold-mean-grad"])
+def test_scaffold_client_applies_the_correction_and_keeps_its_variate(task, tmp_path, method):
+    """Option II by hand from the reply; under plain SGD the mean-gradient variate must give the same c_i⁺."""
+    trainer, rt = _client(method, task, tmp_path)
     x = {k: v for k, v in adapter_state(rt.model).items() if k in trainer.keys}
     c = {k: np.full(v.shape, 0.5, np.float32) for k, v in x.items()}
     reply = trainer.train(_train_msg(x, 1, c), cid=0)
@@ -275,7 +277,7 @@ def _run(tmp_path, method: str, *extra: str) -> dict:
 
 
 def test_scaffold_run_charges_the_variates_both_ways_and_keeps_them_per_client(tmp_path):
-    out = _run(tmp_path, "scaffold")
+    out = _run(tmp_path, "scaffold-mean-grad")  # AdamW moves every tensor: no two variates are equal
     train = [r for r in out["comm"] if int(r["round"]) >= 1 and r["message_type"] == "train"]
     for direction in ("down", "up"):
         sizes = {rec: [int(r["bytes"]) for r in train if r["direction"] == direction and r["record"] == rec]
@@ -306,3 +308,14 @@ def test_fedadam_run_with_coded_uploads_moves_the_global_adapter(tmp_path):
     first = load_file(str(out["run"] / "checkpoints" / "round-0001" / "adapter_model.safetensors"))
     final = load_file(str(out["run"] / "adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(first[k], final[k]) for k in final)
+
+
+def test_published_scaffold_refuses_adaptive_local_optimizers():
+    """Option II reads (x − y_i)/(K·η_l) as a gradient: AdamW or momentum is refused, naming the variant to use."""
+    from fedpeft.config import ConfigError
+
+    _cfg("scaffold", 'train.optimizer="sgd"')  # plain SGD: the paper's setting
+    for extra in (['train.optimizer="adamw"'], ['train.optimizer="sgd"', "train.momentum=0.9"]):
+        with pytest.raises(ConfigError, match="scaffold-mean-grad"):
+            _cfg("scaffold", *extra)
+    _cfg("scaffold-mean-grad", 'train.optimizer="adamw"')
