@@ -3,6 +3,8 @@ q·n, noise no one else can regenerate outside a simulation, σ solved for the b
 
 from __future__ import annotations
 
+import importlib
+
 import copy
 import json
 from pathlib import Path
@@ -208,7 +210,7 @@ def test_poisson_batches_are_fresh_outside_a_simulation_and_reproducible_inside(
 @pytest.mark.parametrize("run_dir,simulated", [(True, True), (False, False)])
 def test_the_clientapp_runtime_is_simulated_only_under_fedpeft_simulate(task_dir, tmp_path, monkeypatch,
                                                                         run_dir, simulated):
-    from clients.app import runtime
+    runtime = importlib.import_module("clients.app.runtime")  # the module (clients.app re-exports a function of that name)
     from fedpeft.app.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
 
     monkeypatch.setattr(runtime, "pin_client_threads", lambda n: None)  # keep this process's threads
