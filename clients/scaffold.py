@@ -17,6 +17,7 @@ from clients.first_order import FirstOrderTrainer
 from clients.local_steps import LocalRound
 from clients.registry import register_trainer
 from fedpeft.methods.scaffold_wire import CONTROL, OPTION_II, SCAFFOLD, VARIATE_SET
+from fedpeft.records import ARRAYS
 
 
 @register_trainer(SCAFFOLD)
@@ -49,7 +50,7 @@ class ScaffoldTrainer(FirstOrderTrainer):
         c_i = ctx.scratch["c_i"]
         new = dict(c_i)  # a client that took no step keeps its variate
         if ctx.steps and self.method.variate == OPTION_II:
-            x = ctx.msg.content["arrays"]  # the global adapter this round started from
+            x = ctx.msg.content[ARRAYS]  # the global adapter this round started from
             step = ctx.steps * self.rt.cfg.train.lr
             for key in ctx.scratch["keys"]:
                 y = self.exchanged_parameters[key].detach().cpu().numpy().astype(np.float64)
