@@ -1,14 +1,13 @@
-"""pFedPara's split of the adapter and its reply keys, shared by its server half and client half."""
+"""pFedPara's split of the adapter, shared by its server half and client half (reply keys: `personal_wire`)."""
 
 from __future__ import annotations
 
-from fedpeft.methods.contract import TrainerKind
+from fedpeft.methods.personal_wire import GLOBAL_LOCAL, LOCAL_TEST, PERSONAL, local_set
 
-PFEDPARA = TrainerKind("pfedpara", "trains the global and the personal LoHa factor pairs; uploads the global pair")
+__all__ = ["GLOBAL_LOCAL", "LOCAL_MARK", "LOCAL_SET", "LOCAL_TEST", "PERSONAL", "is_local"]
+
 LOCAL_MARK = "hada_w2_"
-LOCAL_SET = "pfedpara-local"
-# Reply keys: the task's primary metric (accuracy, or Rouge-L for causal-lm) on the client's local test split.
-PERSONAL, GLOBAL_LOCAL, LOCAL_TEST = "personal-score", "global-score-local", "local-test-examples"
+LOCAL_SET = local_set("pfedpara")
 
 
 def is_local(key: str) -> bool:

@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.pfedpara import PFedParaTrainer
+from clients.personal import PersonalTrainer
 from clients.app.runtime import ClientRuntime
 from fedpeft.adapters import adapter_state
 from fedpeft.config import ConfigError
@@ -87,7 +87,7 @@ def test_equal_bytes_rank_uploads_exactly_the_lora_size_and_dp_is_rejected():
 
 def test_client_keeps_its_personal_pair_and_uploads_only_the_global_one(tmp_path, task):
     cfg = _cfg()
-    trainer = PFedParaTrainer(ClientRuntime(cfg, task, build_model(cfg, task.num_labels), str(tmp_path)))
+    trainer = PersonalTrainer(ClientRuntime(cfg, task, build_model(cfg, task.num_labels), str(tmp_path)))
     server = build_model(cfg, task.num_labels)
     global_state = {k: v for k, v in adapter_state(server).items() if not is_local(k)}
     store = ClientStateStore(tmp_path / "client_state")
