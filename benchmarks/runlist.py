@@ -29,3 +29,63 @@ def run_selected(ap: argparse.ArgumentParser, args: argparse.Namespace, known: M
         ap.error(f"unknown run(s) {unknown} (known: {', '.join(known)})")
     for key in keys:
         print(run_one(key), flush=True)
+
+
+# ----- runs on the method benchmark (simulations/bench.toml) ------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "simulations" / "bench.toml"
+METHOD_SECTIONS = ("method", "adapter", "train")  # what a method's recipe may change; data, clients and rounds are the bench's
+
+
+def _diff(recipe: dict, reference: dict) -> dict:
+    """The entries of `recipe` that differ from `reference` (nested tables compared key by key)."""
+    out = {}
+    for key, value in recipe.items():
+        if isinstance(value, dict) and isinstance(reference.get(key), dict):
+            sub = _diff(value, reference[key])
+            if sub:
+                out[key] = sub
+        elif reference.get(key, object()) != value:
+            out[key] = value
+    return out
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra` laid over it: recipe tables merged key by key, each key's value replaced whole."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def method_overlay(method: str) -> dict:
+    """What method `method`'s shipped recipe changes against the default run, in the method, adapter and train tables.
+
+    The method itself is always set; a method without a recipe of its own runs with its default options.
+    """
+    from fedpeft.config import read_recipe
+
+    default = read_recipe(ROOT / "simulations" / "default.toml")
+    path = ROOT / "simulations" / f"{method}.toml"
+    overlay = {}
+    if method != "fedavg" and path.is_file():
+        recipe = read_recipe(path)
+        overlay = {s: d for s in METHOD_SECTIONS if s in recipe and (d := _diff(recipe[s], default.get(s, {})))}
+    if "method" in overlay and overlay["method"].get("name", method) != method:
+        raise ValueError(f"simulations/{method}.toml runs method '{overlay['method']['name']}', not '{method}'")
+    return merged(overlay, {"method": {"name": method}})
+
+
+def bench_config(method: str, extra: dict | None = None, overrides: list[str] | None = None):
+    """The validated config of `method` on the method benchmark: bench.toml + the method's recipe + `extra`."""
+    from fedpeft.app.recipe import validate
+    from fedpeft.config import apply_overrides, read_recipe
+
+    bench, overlay = read_recipe(BENCH), method_overlay(method)
+    if overlay.get("adapter", {}).get("type", bench["adapter"]["type"]) != bench["adapter"]["type"]:
+        # another adapter type has its own keys: the method's recipe gives the whole adapter table
+        bench = {**bench, "adapter": read_recipe(ROOT / "simulations" / f"{method}.toml")["adapter"]}
+    raw = merged(merged(bench, overlay), extra or {})
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate(raw)
