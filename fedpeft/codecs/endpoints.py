@@ -17,6 +17,7 @@ from fedpeft.codecs.chain import Chain
 from fedpeft.codecs.registry import Draw
 from fedpeft.codecs.wire import PayloadError
 from fedpeft.config import CodecsConfig
+from fedpeft.records import ARRAYS
 from fedpeft.state import ClientStateStore
 
 CODEC_RECORD = "codec"
@@ -43,8 +44,10 @@ def payload_record(payload: bytes) -> ConfigRecord:
 
 def payload_of(content: RecordDict) -> bytes:
     """The payload of a coded message; PayloadError if the message is not shaped like one."""
-    if content.array_records:
-        raise PayloadError(f"a coded message carries no array records, got {sorted(content.array_records)}")
+    # A method's own records (e.g. SCAFFOLD's control variate) travel beside the payload; the dense
+    # adapter record never does (the server's reply check then refuses any record it does not expect).
+    if ARRAYS in content.array_records:
+        raise PayloadError(f"a coded message carries its adapter in the payload, not in an '{ARRAYS}' array record")
     if CODEC_RECORD not in content.config_records:
         raise PayloadError(f"no '{CODEC_RECORD}' config record in a coded message")
     record = content.config_records[CODEC_RECORD]

@@ -99,7 +99,7 @@ MALFORMED = {
     "length mismatch (tensor count)": (lambda s: {CODEC_RECORD: payload_record(_payload(s, count=1))}, "length mismatch"),
     "truncated": (lambda s: {CODEC_RECORD: payload_record(_payload(s, cut=3))}, "truncated"),
     "wrong dtype": (lambda s: {CODEC_RECORD: ConfigRecord({"payload": "not bytes"})}, "wrong dtype"),
-    "dense arrays instead of a payload": (lambda s: {"arrays": s.reference(102)}, "no array records"),
+    "dense arrays instead of a payload": (lambda s: {"arrays": s.reference(102)}, "not in an 'arrays' array record"),
     "NaN scale": (lambda s: {CODEC_RECORD: payload_record(_payload(s, scale=float("nan")))}, "NaN or Inf scale"),
     "Inf scale": (lambda s: {CODEC_RECORD: payload_record(_payload(s, scale=float("inf")))}, "NaN or Inf scale"),
     "oversized": (lambda s: {CODEC_RECORD: payload_record(_payload(s, pad=bytes(10_000)))}, "oversized"),
@@ -113,6 +113,14 @@ def test_a_well_formed_hand_packed_payload_is_accepted():
     s = _strategy()
     arrays, _ = s.aggregate_train(1, [_reply(102, {CODEC_RECORD: payload_record(_payload(s))})])
     assert arrays is not None and not s.pop_rejections()
+
+
+def test_a_payload_with_an_array_record_the_method_does_not_expect_is_rejected():
+    """A method's own records may travel beside the payload (SCAFFOLD's variate); an unexpected one is refused."""
+    s = _strategy()
+    arrays, _ = s.aggregate_train(1, [_reply(102, {CODEC_RECORD: payload_record(_payload(s)), "smuggled": s.reference(102)})])
+    (rej,) = s.pop_rejections()
+    assert arrays is None and "expected array records" in rej.reason
 
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
