@@ -42,7 +42,7 @@ class Trainer(ABC):
     """The client half of a method: turns a train message into a reply, on the worker's one model.
 
     The ClientApp and the codec wrapper (`clients.codec`) rely on exactly this: `keys` (the adapter
-    tensors that travel) and `train`.
+    tensors that travel down; `uploads`, those of them a reply carries back) and `train`.
     """
 
     def __init__(self, rt: ClientRuntime, method: type | None = None) -> None:
@@ -50,6 +50,7 @@ class Trainer(ABC):
         self.method = method or method_spec(rt.cfg.method.name).strategy
         self.method.prepare_model(rt.model)
         self.keys: frozenset[str] = frozenset(k for k in adapter_state(rt.model) if self.method.exchanged(k))
+        self.uploads: frozenset[str] = frozenset(k for k in self.keys if self.method.uploaded(k))
 
     @cached_property
     def exchanged_parameters(self) -> dict[str, torch.nn.Parameter]:

@@ -87,6 +87,6 @@ class FirstOrderTrainer(Trainer):
         """Called after every optimizer step."""
 
     def upload(self, ctx: LocalRound, metrics: dict) -> RecordDict:
-        """The reply: the exchanged adapter tensors and the metrics."""
-        state = {k: v for k, v in adapter_state(self.rt.model).items() if k in self.keys}
+        """The reply: the adapter tensors the method uploads (`uploads`; by default all it exchanges) + metrics."""
+        state = {k: v for k, v in adapter_state(self.rt.model).items() if k in self.uploads}
         return RecordDict({ARRAYS: ArrayRecord(state), "metrics": MetricRecord(metrics)})

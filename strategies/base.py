@@ -101,6 +101,8 @@ class AdapterStrategy(FedAvg):
         self.prepare_model(model)
         self.initial_state = {k: v for k, v in adapter_state(model).items() if self.exchanged(k)}
         self.template = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in self.initial_state.items()}
+        # What a reply carries: the sent tensors its clients send back (all of them unless `uploaded` excludes some).
+        self.upload_template = {k: v for k, v in self.template.items() if self.uploaded(k)}
         self.rejections: list[Rejection] = []
         self.sent: dict[int, ArrayRecord] = {}
         self.codecs = Codecs(cfg.codecs, cfg.sim.seed) if cfg.codecs.active else None
@@ -129,8 +131,13 @@ class AdapterStrategy(FedAvg):
 
     @classmethod
     def exchanged(cls, key: str) -> bool:
-        """Whether the adapter tensor named `key` travels (all do, unless the method keeps some fixed)."""
+        """Whether the adapter tensor named `key` travels to clients (all do, unless the method keeps some fixed)."""
         return True
+
+    @classmethod
+    def uploaded(cls, key: str) -> bool:
+        """Whether the adapter tensor named `key` also travels back in every reply (by default: what is exchanged)."""
+        return cls.exchanged(key)
 
     # ----- what the server loop uses ------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
@@ -331,7 +338,7 @@ class AdapterStrategy(FedAvg):
 
     def reply_templates(self) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
         """The array records a reply must carry and the (shape, dtype) of every tensor in each."""
-        return {ARRAYS: self.template}
+        return {ARRAYS: self.upload_template}
 
     def check_reply(self, content: RecordDict, client: int = -1) -> str | None:
         """Why client `client`'s reply cannot be aggregated, or None if it is fine."""

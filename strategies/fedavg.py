@@ -19,11 +19,15 @@ class FedAvgOptions(LoraAggregationOptions, UpdateClipOptions):
     """Recipe keys of `[method]` for fedavg."""
 
 
-def refactorize(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best rank-`rank` factors (B, A) of `delta` in Frobenius norm (truncated SVD, split sqrt(S) each way)."""
+def refactorize(delta: np.ndarray, rank: int, orthonormal_a: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-`rank` factors (B, A) of `delta` in Frobenius norm (truncated SVD, split sqrt(S) each way).
+
+    `orthonormal_a`: B = U·S and A = Vᵀ instead, so A's rows are orthonormal (FedSVD).
+    """
     u, s, vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-    root = np.sqrt(s[:rank])
-    return (u[:, :rank] * root).astype(delta.dtype), (root[:, None] * vh[:rank]).astype(delta.dtype)
+    left = s[:rank] if orthonormal_a else np.sqrt(s[:rank])
+    right = np.ones_like(left) if orthonormal_a else left
+    return (u[:, :rank] * left).astype(delta.dtype), (right[:, None] * vh[:rank]).astype(delta.dtype)
 
 
 def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:

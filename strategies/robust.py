@@ -1,9 +1,11 @@
-"""Byzantine-robust aggregation of adapter tensors: coordinate-wise median, trimmed mean, Krum, Multi-Krum.
+"""Byzantine-robust aggregation of adapter tensors: coordinate-wise median, trimmed mean, Krum, Multi-Krum, Bulyan.
 
 FedMedian and the trimmed mean (Yin et al., 2018) reduce every coordinate across the replies,
 unweighted, as Flower's FedMedian and FedTrimmedAvg do. Krum (Blanchard et al., 2017) keeps the
 reply whose n − f − 2 nearest replies are closest to it; Multi-Krum averages the m best-scored
-replies uniformly, as the paper does. No rule reads the self-reported example counts: Flower's
+replies uniformly, as the paper does. Bulyan (El Mhamdi et al., 2018) selects θ = n − 2f replies by
+Krum, applied again to what is left after each pick, then averages per coordinate the β = θ − 2f
+selected values closest to their median. No rule reads the self-reported example counts: Flower's
 MultiKrum weights its mean by them, which lets one selected attacker claiming 10⁹ examples
 (the most a reply may claim where the server does not know the client's size) take the mean over.
 None of these is the mean of the client tensors, so recipes with user-level DP or a
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.supercore import log
@@ -56,6 +59,10 @@ class MultiKrumOptions(KrumOptions):
     """Recipe keys of `[method]` for multi-krum."""
 
     m: int | None = Field(None, ge=1, description="replies selected and averaged (default: replies − f)")
+
+
+class BulyanOptions(KrumOptions):
+    """Recipe keys of `[method]` for bulyan (`f`: needs sim.clients_per_round >= 4f + 3)."""
 
 
 def _capabilities(aggregate: str) -> Capabilities:
@@ -195,3 +202,59 @@ class MultiKrumAdapter(KrumAdapter):
     def wanted(self) -> int | None:
         """method.m (None: all but f)."""
         return self.options.m
+
+
+@register("bulyan", trainer=FIRST_ORDER, options=BulyanOptions,
+          capabilities=_capabilities("Bulyan (a coordinate-wise trimmed mean of the replies Krum selects)"))
+class BulyanAdapter(RobustAggregator):
+    """Bulyan: θ = n − 2f replies by repeated Krum; per coordinate, the mean of the β = θ − 2f nearest the median."""
+
+    def __init__(self, cfg: Config, directory: "NodeDirectory", model: "PeftModel",
+                 workdir: Path | None = None) -> None:
+        super().__init__(cfg, directory, model, workdir)
+        self.selected: list[int] = []  # client ids Krum selected in the last aggregated round
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """Bulyan needs sim.clients_per_round >= 4f + 3 (Flower's `aggregate_bulyan` refuses fewer replies)."""
+        f, n = cls.Options.model_validate(cfg.method.options()).f, cfg.sim.clients_per_round
+        if n < 4 * f + 3:
+            raise ConfigError(
+                f"method 'bulyan' with method.f = {f} needs sim.clients_per_round >= 4 * f + 3 = {4 * f + 3} "
+                f"(got {n}): Bulyan keeps theta = n - 2f replies by Krum and averages beta = theta - 2f of them per "
+                f"coordinate; lower method.f or raise sim.clients_per_round")
+
+    def plan(self, server_round: int, n: int) -> int:
+        """f for n replies: rejections may leave fewer than 4f + 3; then the largest f that fits."""
+        f, fits = self.options.f, max(0, (n - 3) // 4)
+        if f > fits:
+            log(WARNING, "round %d: %d replies are too few for f = %d (Bulyan needs n >= 4f + 3): using f = %d",
+                server_round, n, f, fits)
+        return min(f, fits)
+
+    def aggregate(self, server_round: int, valid: list[Message]) -> ArrayRecord:
+        """Flower's `aggregate_bulyan` with Krum as the selection rule, over float64 copies of the replies."""
+        n, keys = len(valid), sorted(self.template)
+        if n < 3:  # f = 0 then, so theta = beta = n: Bulyan is the plain mean, which Flower refuses below 3
+            log(WARNING, "round %d: only %d replies, too few for Bulyan: their unweighted mean", server_round, n)
+            self.selected = [self.directory.client_of(m.metadata.src_node_id) for m in valid]
+            return self.per_coordinate(valid, lambda x: x.mean(axis=0))
+        f = self.plan(server_round, n)
+        stacks = {k: stacked(valid, k) for k in keys}
+        # float64 copies: Flower takes Krum's distances, the median and the final mean in the arrays' own
+        # dtype. The count is 1 for all: Bulyan, like Krum, never reads the self-reported example counts.
+        results = [([stacks[k][i] for k in keys], 1) for i in range(n)]
+        left = list(results)
+        # aggregate_bulyan pops each reply Krum selects from the list it is given: the 2f left are the unselected.
+        out = aggregate_bulyan(left, num_malicious=f, aggregation_rule=aggregate_krum, to_keep=0)
+        dropped = {id(r) for r in left}
+        self.selected = [self.directory.client_of(valid[i].metadata.src_node_id)
+                         for i, r in enumerate(results) if id(r) not in dropped]
+        log(INFO, "round %d: bulyan selected clients %s (f = %d)", server_round, self.selected, f)
+        return ArrayRecord({k: Array(np.ascontiguousarray(out[j], dtype=self.template[k][1]))
+                            for j, k in enumerate(keys)})
+
+    def round_metrics(self, server_round: int, ledger: "CommLedger") -> dict[str, Any]:
+        """The client ids Krum selected this round (theta of them)."""
+        out, self.selected = {"bulyan_selected": self.selected}, []
+        return out

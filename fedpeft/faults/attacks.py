@@ -45,7 +45,8 @@ def alie_z(n: int, f: int) -> float:
 
 def _update(msg: Message, ref: ArrayRecord) -> dict[str, np.ndarray]:
     arrays = msg.content[ARRAYS]
-    return {k: arrays[k].numpy().astype(np.float64) - ref[k].numpy().astype(np.float64) for k in ref}
+    # Only what the reply carries: a method may send tensors its clients do not send back (FedSVD's A).
+    return {k: arrays[k].numpy().astype(np.float64) - ref[k].numpy().astype(np.float64) for k in ref if k in arrays}
 
 
 def _write(msg: Message, ref: ArrayRecord, update: dict[str, np.ndarray]) -> None:

@@ -22,7 +22,8 @@ from strategies import get_strategy_class, method_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "simulations" / "smoke.toml"
-METHODS = ["fedmedian", "trimmed-mean", "krum", "multi-krum"]
+METHODS = ["fedmedian", "trimmed-mean", "krum", "multi-krum", "bulyan"]
+SIZED = {"bulyan": ["sim.clients_per_round=7"]}  # what a method needs beyond smoke.toml's 5 clients a round (4f + 3)
 MODEL = build_model(load(SMOKE), num_labels=2)
 KEYS = sorted(adapter_state(MODEL))
 NODES = {101 + i: i for i in range(5)}
@@ -193,15 +194,17 @@ def test_user_level_dp_and_merge_rules_are_refused_because_the_aggregate_is_not_
     reason = method_spec(method).capabilities.weighted_mean
     assert isinstance(reason, str) and reason
     with pytest.raises(ConfigError, match=r"needs an aggregate that is the mean.*aggregates by " + re.escape(reason)):
-        load(SMOKE, [f'method.name="{method}"', "dp.user.enabled=true", "dp.user.noise_multiplier=1.0"])
+        load(SMOKE, [f'method.name="{method}"', *SIZED.get(method, []), "dp.user.enabled=true",
+                     "dp.user.noise_multiplier=1.0"])
     with pytest.raises(ConfigError, match=r"codecs.merge = 'ties' replaces the mean.*use codecs.merge = 'mean'"):
-        load(SMOKE, [f'method.name="{method}"', 'codecs.merge="ties"', 'codecs.up=["delta"]'])
+        load(SMOKE, [f'method.name="{method}"', *SIZED.get(method, []), 'codecs.merge="ties"', 'codecs.up=["delta"]'])
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sample_level_dp_and_codecs_are_accepted(method):
-    assert load(SMOKE, [f'method.name="{method}"', "dp.enabled=true", "dp.noise_multiplier=1.0"]).dp.enabled
-    load(SMOKE, [f'method.name="{method}"', 'codecs.up=["delta", "int8"]', 'codecs.down=["fp16"]'])
+    sized = SIZED.get(method, [])
+    assert load(SMOKE, [f'method.name="{method}"', *sized, "dp.enabled=true", "dp.noise_multiplier=1.0"]).dp.enabled
+    load(SMOKE, [f'method.name="{method}"', *sized, 'codecs.up=["delta", "int8"]', 'codecs.down=["fp16"]'])
 
 
 @pytest.mark.parametrize("overrides,match", [
