@@ -343,28 +343,21 @@ def info() -> None:
 
 
 @app.command()
-def methods() -> None:
-    """List the registered methods and what each supports (from their registrations)."""
-    from strategies import available_methods, method_spec
+def methods(name: Annotated[Optional[str], typer.Argument(help="one method: its options and the reasons")] = None,
+            ) -> None:
+    """List the registered methods and what each supports; with NAME, one method's options and refusals."""
+    from fedpeft.app.methods_view import method_detail, methods_table
+    from fedpeft.config import ConfigError
+    from strategies import method_spec
 
-    table = Table(title="fedpeft methods")
-    for col in ("method", "client trainer", "sample-level DP", "user-level DP", "codecs", "aggregate", "client state"):
-        table.add_column(col)
-    for name in available_methods():
+    if name is None:
+        Console().print(methods_table())
+        return
+    try:
         spec = method_spec(name)
-        caps = spec.capabilities
-
-        def cell(capability: str) -> str:
-            why = caps.refusal(capability)
-            return "yes" if why is None else f"no: {why}"
-
-        aggregate = "weighted mean" if caps.weighted_mean is True else str(caps.weighted_mean)
-        user = cell("user_dp")
-        if user == "yes" and caps.weighted_mean is not True:
-            user = f"no: its aggregate is not a mean ({aggregate})"
-        table.add_row(name, str(spec.trainer), cell("sample_dp"), user, ", ".join(caps.codecs) or "none",
-                      aggregate, "yes" if caps.client_state else "no")
-    Console().print(table)
+    except ConfigError as err:
+        exit_expected(err)
+    method_detail(Console(), spec)
 
 
 def main() -> None:

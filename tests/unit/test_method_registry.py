@@ -97,10 +97,24 @@ def test_user_level_dp_refuses_aggregates_that_are_not_a_mean(method):
     assert "mean of the clipped updates" in msg and str(method_spec(method).capabilities.weighted_mean) in msg
 
 
-def test_methods_command_lists_every_method_with_its_capabilities():
-    out = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "300"})
+def test_methods_command_fits_80_columns_with_every_name_whole():
+    out = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "80"})
     assert out.exit_code == 0, out.output
+    assert max(len(ln) for ln in out.output.splitlines()) <= 80 and "…" not in out.output
+    rows = {ln.split()[0]: ln.split() for ln in out.output.splitlines() if ln.strip()}
     for name in available_methods():
-        assert name in out.output
-    line = next(ln for ln in out.output.splitlines() if "│ fedmedian " in ln)
-    assert "not a mean" in line
+        assert name in rows, name
+    assert rows["fedmedian"][3:6] == ["no", "both", "no"]  # user DP refused, both codecs, not a mean
+    assert rows["fedavg"][2:7] == ["yes", "yes", "both", "yes", "no"]
+
+
+def test_methods_name_gives_options_and_every_refusal_with_its_reason():
+    out = CliRunner().invoke(app, ["methods", "fedmedian"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "user-level DP: its aggregate is not a mean" in out.output
+    out = CliRunner().invoke(app, ["methods", "fedprox"], env={"COLUMNS": "200"})
+    assert "mu = 0.01" in out.output and "refuses" not in out.output
+    out = CliRunner().invoke(app, ["methods", "fedkseed"], env={"COLUMNS": "200"})
+    assert "sample-level DP:" in out.output and "codecs (up, down):" in out.output
+    out = CliRunner().invoke(app, ["methods", "fedavgg"], env={"COLUMNS": "200"})
+    assert out.exit_code == 2 and "'fedavgg' is not a registered method" in out.output
