@@ -18,7 +18,6 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
 )
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
     bytes_to_public_key,
@@ -59,8 +58,14 @@ def dequantize_sum(levels: Sequence[np.ndarray], count: int, options: SecAggOpti
 
 
 def prg_mask(seed: bytes, shapes: Shapes, options: SecAggOptions) -> list[np.ndarray]:
-    """Flower's PRG: int64 arrays of `shapes`, uniform in [0, mod_range - 1) from `seed`."""
-    return pseudo_rand_gen(seed, options.mod_range, shapes)
+    """int64 arrays of `shapes`, uniform in [0, mod_range) from all the bits of `seed` (Philox counter PRG)."""
+    # Not Flower's `pseudo_rand_gen`: it keeps 32 bits of the seed (a server holding one client's
+    # pairwise key could search the 2^32 self-mask seeds) and never draws mod_range - 1.
+    if len(seed) < 16:
+        raise ValueError(f"a mask seed needs at least 128 bits, got {8 * len(seed)}")
+    words = np.frombuffer(seed[: len(seed) // 4 * 4], dtype="<u4")
+    gen = np.random.Generator(np.random.Philox(np.random.SeedSequence(words.tolist())))
+    return [gen.integers(0, options.mod_range, size=shape, dtype=np.int64) for shape in shapes]
 
 
 def pairwise_seed(own_sk1: bytes, other_pk1: bytes) -> bytes:

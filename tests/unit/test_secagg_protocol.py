@@ -426,3 +426,15 @@ def test_quantization_leaves_global_rng_alone():
     b = quantize_vector([np.linspace(-1, 1, 40)], opts, rounding_seed=5)
     np.testing.assert_array_equal(np.random.get_state()[1], before)
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_masks_depend_on_every_bit_of_the_seed():
+    """Seeds that differ only past their first 32 bits give unrelated masks (Flower's PRG keeps 32 bits)."""
+    from fedpeft.secagg.quant import prg_mask
+
+    opts = SecAggOptions(num_clients=5, threshold=3)
+    a = prg_mask(bytes(31) + b"\x01", [(64,)], opts)[0]
+    b = prg_mask(bytes(31) + b"\x02", [(64,)], opts)[0]
+    assert (a != b).mean() > 0.9 and a.min() >= 0 and a.max() < opts.mod_range
+    with pytest.raises(ValueError, match="128 bits"):
+        prg_mask(b"short", [(4,)], opts)
