@@ -296,6 +296,28 @@ class FaultsConfig(_Section):
         return bool(self.crash or self.straggle or self.drop or self.malformed or self.byzantine_fraction)
 
 
+class SecAggConfig(_Section):
+    """Secure aggregation (SecAgg+, `fedpeft.secagg`): the server learns only the weighted mean of the updates."""
+
+    enabled: bool = False
+    threshold: float = Field(0.6, gt=0.0, description="fewest clients a sum may cover (and shares that rebuild a "
+                             "secret): a fraction (< 1) of the round's clients, rounded up, or a count")
+    num_shares: float | Literal["all"] = Field(
+        "all", description="each client's neighbourhood, itself included: 'all' = classic SecAgg, a fraction (< 1) "
+        "of the round's clients (rounded up to an odd count), or an odd count")
+    clip_range: float = Field(1.0, gt=0.0, description="each value of a client's update is clipped to "
+                              "[-clip_range, clip_range] before quantization")
+    quantization_bits: int = Field(22, ge=1, le=30, description="2**bits quantization levels over the clip range")
+
+    @model_validator(mode="after")
+    def _counts_are_whole(self) -> "SecAggConfig":
+        for key in ("threshold", "num_shares"):
+            v = getattr(self, key)
+            if isinstance(v, float) and v >= 1 and v != int(v):
+                raise ValueError(f"secagg.{key} ({v:g}) must be a fraction below 1 or a whole count")
+        return self
+
+
 class EvalConfig(_Section):
     """Held-out evaluation; for causal-lm, how often and how much to generate."""
 
@@ -334,6 +356,7 @@ class Config(_Section):
     codecs: CodecsConfig = CodecsConfig()
     eval: EvalConfig = EvalConfig()
     faults: FaultsConfig = FaultsConfig()
+    secagg: SecAggConfig = SecAggConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from pydantic import BaseModel
@@ -251,6 +251,30 @@ class AdapterStrategy(FedAvg):
         else:
             aggregate, metrics = self.combine(server_round, valid)
         return (self.server_step(server_round, aggregate) if aggregate is not None else None), metrics
+
+    def aggregate_secure(self, server_round: int, mean_update: dict[str, np.ndarray] | None, count: int,
+                         failure: str | None) -> ArrayRecord | None:
+        """Global + the securely aggregated weighted mean update → server step; None keeps the global unchanged.
+
+        Under `[secagg]` this replaces accept → combine: the strategy gets the decoded mean of the
+        clients' updates (`count` of them), never one client's own. `failure` is why the protocol stopped.
+        """
+        self.decoded, self.failure = {}, failure
+        sampled = len(self.sent) or self.cfg.sim.clients_per_round
+        need = required_replies(self.cfg.sim.min_replies, sampled)
+        if failure is None and count < need:
+            self.failure = (f"{count} updates in the secure sum of {sampled} sampled clients; "
+                            f"sim.min_replies needs {need}")
+        if self.failure is not None or mean_update is None or self.global_arrays is None:
+            log(WARNING, "round %d failed: %s; the global model is unchanged", server_round, self.failure)
+            return None
+        out = {}
+        for k in self.global_arrays.keys():
+            base = self.global_arrays[k].numpy()
+            # tensors sent but not uploaded (none for a method that supports secagg) stay as they were
+            out[k] = Array((base.astype(np.float64) + mean_update[k]).astype(base.dtype)) if k in mean_update \
+                else self.global_arrays[k]
+        return self.server_step(server_round, ArrayRecord(out))
 
     def server_step(self, server_round: int, aggregate: ArrayRecord) -> ArrayRecord:
         """The new global adapter from the round's aggregate (FedAvg: the aggregate itself)."""

@@ -36,7 +36,7 @@ def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
     return [(k, k.replace("lora_A", "lora_B")) for k in sorted(keys) if "lora_A" in k and k.replace("lora_A", "lora_B") in keys]
 
 
-@register("fedavg", trainer=FIRST_ORDER, options=FedAvgOptions, capabilities=Capabilities())
+@register("fedavg", trainer=FIRST_ORDER, options=FedAvgOptions, capabilities=Capabilities(secagg=True))
 class FedAvgAdapter(AdapterStrategy):
     """Send the global adapter; average the returned adapters weighted by local example counts.
 
@@ -47,8 +47,14 @@ class FedAvgAdapter(AdapterStrategy):
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        """Refuse exact LoRA aggregation or update clipping with a non-mean merge, and exact LoRA with user-level DP."""
+        """Refuse exact LoRA aggregation or update clipping with a non-mean merge or secagg, exact LoRA with user-level DP."""
         opts = cls.Options.model_validate(cfg.method.options())
+        if cfg.secagg.enabled and clip_norm(opts) > 0:
+            raise ConfigError("method.clip_norm clips each client's update on the server, which secure aggregation "
+                              "(secagg.enabled = true) hides: use secagg.clip_range, a per-value clip on the client")
+        if cfg.secagg.enabled and exact_lora_aggregation(opts):
+            raise ConfigError("method.lora_aggregation = 'exact' averages each client's own B·A, while secure "
+                              "aggregation (secagg.enabled = true) gives only the sums of A and of B")
         if clip_norm(opts) > 0 and cfg.codecs.merge != "mean":
             raise ConfigError(f"method.clip_norm clips the updates of the mean: it needs codecs.merge = 'mean' "
                               f"(got '{cfg.codecs.merge}')")

@@ -75,6 +75,8 @@ def lora_layers(model: PeftModel, keys: set[str]) -> dict[str, LoraLayer]:
             "to one client is not bounded by clipping that client's update of A and B",
     weighted_mean="the mean of A and B plus the residual of mean(B·A) folded into the base weights",
     codecs=("up",),
+    secagg="its aggregate needs mean(B·A), a mean of products of each client's own factors, which a secure sum "
+           "of the factors does not give",
     codecs_why="its download carries the dense residual as an array record beside the adapter, and a coded "
                "download may carry only the codec's payload",
 ))

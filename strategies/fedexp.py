@@ -37,6 +37,7 @@ class FedExPOptions(MethodOptions):
     user_dp="its step size reads every client's own update norm, which user-level DP keeps from the server",
     codecs=("down",),
     codecs_why="its step size needs every client's dense update",
+    secagg="its step size reads every client's own update norm, which secure aggregation hides",
 ))
 class FedExP(FedAvgAdapter):
     """FedAvg's mean update, applied with FedExP's extrapolated server step size η_g ≥ 1."""

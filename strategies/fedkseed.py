@@ -63,6 +63,8 @@ ZO_CAPABILITIES = Capabilities(
     codecs_why="its uploads are already seeds and scalars",
     weighted_mean="a per-seed mean of scalars applied by replay",
     uploads=SCALAR_UPLOADS,
+    secagg="its uploads are seeds with one scalar each, which the server replays per seed, not fixed-shape dense "
+           "updates it could take a sum of",
 )
 
 

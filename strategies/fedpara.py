@@ -31,7 +31,7 @@ def equal_bytes_loha_rank(lora_rank: int) -> int:
     return max(1, round(lora_rank / 2))
 
 
-@register("fedpara", trainer=FIRST_ORDER, options=FedParaOptions, capabilities=Capabilities())
+@register("fedpara", trainer=FIRST_ORDER, options=FedParaOptions, capabilities=Capabilities(secagg=True))
 class FedPara(FedAvgAdapter):
     """Weighted FedAvg of LoHa factors."""
 

@@ -19,6 +19,6 @@ class FedProxOptions(FedAvgOptions):
     mu: float = Field(0.01, ge=0.0, description="weight μ of the proximal term μ/2 ||w - w_global||^2")
 
 
-@register("fedprox", trainer=FEDPROX, options=FedProxOptions, capabilities=Capabilities())
+@register("fedprox", trainer=FEDPROX, options=FedProxOptions, capabilities=Capabilities(secagg=True))
 class FedProx(FedAvgAdapter):
     """FedAvg over the adapter; clients train with a proximal term towards the global adapter."""

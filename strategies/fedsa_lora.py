@@ -15,7 +15,7 @@ from fedpeft.config import Config, ConfigError
 from fedpeft.methods.personal_wire import PERSONAL_SPLIT
 from strategies.fedavg import FedAvgAdapter
 from strategies.options import LoraAggregationOptions, UpdateClipOptions, exact_lora_aggregation
-from strategies.personal import SAMPLE_DP_WHY, USER_DP_WHY, LocalTestOptions, PersonalScores
+from strategies.personal import SAMPLE_DP_WHY, SECAGG_WHY, USER_DP_WHY, LocalTestOptions, PersonalScores
 from strategies.registry import Capabilities, register
 from strategies.strategy_utils import require_adapter
 
@@ -30,6 +30,7 @@ class FedSALoRAOptions(LoraAggregationOptions, UpdateClipOptions, LocalTestOptio
     sample_dp=SAMPLE_DP_WHY,
     user_dp=USER_DP_WHY,
     client_state=True,
+    secagg=SECAGG_WHY,
 ))
 class FedSALoRA(PersonalScores, FedAvgAdapter):
     """FedAvg of LoRA A matrices (and the classifier head); each client's B stays in its state store."""

@@ -44,7 +44,7 @@ class FedSVDOptions(FedAvgOptions):
 
 
 @register("fedsvd", trainer=FIRST_ORDER, options=FedSVDOptions,
-          capabilities=Capabilities(user_dp=USER_DP_WHY, codecs=(), codecs_why=CODECS_WHY))
+          capabilities=Capabilities(user_dp=USER_DP_WHY, codecs=(), codecs_why=CODECS_WHY, secagg=True))
 class FedSVD(FFALoRA):
     """FedAvg of LoRA B (and the head) over a frozen A; each round B̄·A is re-factorized by SVD into an orthonormal A."""
 

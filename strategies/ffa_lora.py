@@ -13,7 +13,7 @@ from strategies.registry import Capabilities, register
 from strategies.strategy_utils import require_adapter
 
 
-@register("ffa-lora", trainer=FIRST_ORDER, options=FedAvgOptions, capabilities=Capabilities())
+@register("ffa-lora", trainer=FIRST_ORDER, options=FedAvgOptions, capabilities=Capabilities(secagg=True))
 class FFALoRA(FedAvgAdapter):
     """FedAvg over LoRA B matrices (and the classifier head); A matrices stay at their seeded init."""
 

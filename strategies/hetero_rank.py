@@ -58,6 +58,8 @@ RANK_CAPABILITIES = Capabilities(
             "the one global record",
     codecs=("up",),
     codecs_why="downloads differ per tier in shape, which a client cannot decode against its own template",
+    secagg="its clients upload adapters of different ranks (shapes differ per tier), while a secure sum adds "
+           "vectors of one shape",
 )
 
 

@@ -27,12 +27,14 @@ if TYPE_CHECKING:
 
     from fedpeft.ledger import CommLedger
 
-__all__ = ["SAMPLE_DP_WHY", "USER_DP_WHY", "LocalTestOptions", "PersonalScores"]
+__all__ = ["SAMPLE_DP_WHY", "SECAGG_WHY", "USER_DP_WHY", "LocalTestOptions", "PersonalScores"]
 
 # The method's result is computed on raw local data and sent in every reply; DP-SGD's replies carry
 # nothing computed from the data (clients.first_order.dp_reply_metrics), so it cannot be privatized.
 SAMPLE_DP_WHY = ("its clients report their personalized score on a local test split of their own data, a figure "
                  "DP-SGD does not privatize")
+SECAGG_WHY = ("its clients report their personalized score on their own local test split in every reply, outside "
+              "any secure sum, and the method's result is those individual scores")
 USER_DP_WHY = ("its clients keep personal adapter tensors the server never sees and report their personalized "
                "score on their own data, outside the clipped update")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from fedpeft.methods.personal_wire import PERSONAL_SPLIT
 from fedpeft.methods.pfedpara_wire import is_local
 from strategies.fedpara import FedPara, FedParaOptions
-from strategies.personal import SAMPLE_DP_WHY, USER_DP_WHY, LocalTestOptions, PersonalScores
+from strategies.personal import SAMPLE_DP_WHY, SECAGG_WHY, USER_DP_WHY, LocalTestOptions, PersonalScores
 from strategies.registry import Capabilities, register
 
 
@@ -28,6 +28,7 @@ class PFedParaOptions(FedParaOptions, LocalTestOptions):
     sample_dp=SAMPLE_DP_WHY,
     user_dp=USER_DP_WHY,
     client_state=True,
+    secagg=SECAGG_WHY,
 ))
 class PFedPara(PersonalScores, FedPara):
     """FedAvg of the global LoHa factor pair; the personal pair stays in each client's state store."""

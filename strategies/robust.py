@@ -67,7 +67,8 @@ class BulyanOptions(KrumOptions):
 
 def _capabilities(aggregate: str) -> Capabilities:
     # Sample-level DP and codecs are client-side or decoded before `combine`: they keep working.
-    return Capabilities(weighted_mean=aggregate)
+    return Capabilities(weighted_mean=aggregate, secagg=f"its aggregate is a {aggregate}, which needs every "
+                        "client's own update, while secure aggregation reveals only their sum")
 
 
 class RobustAggregator(AdapterStrategy):

@@ -36,6 +36,8 @@ class ScaffoldOptions(ServerLrOptions):
     user_dp="its clients also upload their control-variate change, a second view of each update that "
             "Flower's DP wrappers neither clip nor noise",
     client_state=True,
+    secagg="its clients upload two records (the adapter and the control-variate change); securing both in one sum "
+           "is not wired yet",
 ))
 class Scaffold(FedAvgAdapter):
     """FedAvg of the adapters plus server and client control variates (SCAFFOLD, option II, plain SGD)."""

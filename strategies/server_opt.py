@@ -77,7 +77,7 @@ class ServerOptimizer(FedAvgAdapter):
                 self.state.setdefault(name, {})[key] = np.asarray(value, dtype=np.float64)
 
 
-SERVER_OPT = Capabilities()
+SERVER_OPT = Capabilities(secagg=True)  # the server step runs on the mean, which a secure sum gives
 
 
 @register("fedadam", trainer=FIRST_ORDER, options=FedOptOptions, capabilities=SERVER_OPT)

@@ -10,12 +10,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from clients.base import Trainer
 from clients.codec import coded_train
 from clients.app.faults import fault_mod
+from clients.app.secagg import secagg_stage, secure_train
 from clients.registry import get_trainer_class
 from clients.app.runtime import client_id, runtime
 from fedpeft.app.engine.cluster import SERVICE_KEY, record_placement
 from fedpeft.env import quiet_libraries
 from fedpeft.records import SERVER_ROUND
 from fedpeft.nodes import CLIENT_ID_KEY
+from fedpeft.secagg.wire import ACTIONS as SECAGG_ACTIONS, SECAGG
 from strategies import method_spec
 
 _trainers: dict[int, Trainer] = {}
@@ -49,13 +51,21 @@ app = ClientApp(mods=[fault_mod, user_dp_mod])  # fault_mod outermost: a malform
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train locally with the method's client trainer and reply with its upload."""
+    """Train locally with the method's client trainer and reply with its upload (masked, under secagg)."""
     quiet_libraries()
-    reply = Message(coded_train(_trainer(context), runtime(context), msg, client_id(context)), reply_to=msg)
+    trainer, rt, cid = _trainer(context), runtime(context), client_id(context)
+    if SECAGG in msg.content.config_records:  # the collect stage of secure aggregation
+        reply = Message(secure_train(trainer, rt, msg, cid, context), reply_to=msg)
+    else:
+        reply = Message(coded_train(trainer, rt, msg, cid), reply_to=msg)
     service = context.run_config.get(SERVICE_KEY)
     if service:  # on a Ray cluster: note which node ran this client (outside the message, so uncharged)
         record_placement(str(service), int(msg.content["config"][SERVER_ROUND]), client_id(context))
     return reply
+
+
+for _action in SECAGG_ACTIONS.values():  # train.secagg_setup, train.secagg_share_keys, train.secagg_unmask
+    app.train(_action)(secagg_stage)
 
 
 @app.query()

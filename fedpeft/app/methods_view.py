@@ -50,6 +50,8 @@ def _refusals(spec: MethodSpec) -> list[tuple[str, str]]:
         out.append((f"codecs ({', '.join(missing)})", caps.codecs_why or "not supported"))
     if caps.weighted_mean is not True:
         out.append(("codecs.merge rules", f"its aggregate is not a mean ({caps.weighted_mean})"))
+    if (why := caps.refusal("secagg")) is not None:
+        out.append(("secure aggregation ([secagg])", why))
     return out
 
 

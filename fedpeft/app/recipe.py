@@ -15,6 +15,7 @@ from fedpeft.config import Config, ConfigError, read_recipe, schema_validate
 from fedpeft.faults.attacks import REWRITING
 from fedpeft.faults.malformed import ANY, DENSE, KINDS
 from fedpeft.privacy import user_level
+from fedpeft.secagg.updates import round_options
 from strategies import MethodSpec, method_options, method_spec
 
 
@@ -26,6 +27,7 @@ def validate(raw: dict[str, Any]) -> Config:
     spec.strategy.validate_config(cfg)  # may also complete the config (e.g. set adapter.r)
     build_peft_config(cfg.adapter)
     check_capabilities(cfg, spec)
+    check_secagg(cfg, spec)
     user_level.check_config(cfg)
     return cfg
 
@@ -79,3 +81,36 @@ def check_capabilities(cfg: Config, spec: MethodSpec) -> None:
                               f"{name} aggregates by {caps.weighted_mean}: use codecs.merge = 'mean'")
     if cfg.codecs.merge == "sparse-mean" and not cfg.codecs.up:
         raise ConfigError("codecs.merge = 'sparse-mean' averages over the entries each client sent: set codecs.up")
+
+
+def check_secagg(cfg: Config, spec: MethodSpec) -> None:
+    """Refuse `[secagg]` with a method, mechanism or option that needs what secure aggregation hides."""
+    if not cfg.secagg.enabled:
+        return
+    refused = []
+    if (why := spec.capabilities.refusal("secagg")) is not None:
+        refused.append(f"method.name = '{spec.name}' ({why})")
+    if cfg.codecs.active:
+        refused.append("[codecs] (a masked upload is uniformly random in the ring, so no codec compresses it, and the "
+                       "codecs decode and merge each client's own update, which the server never sees)")
+    if cfg.dp.user.enabled:
+        refused.append("dp.user.enabled = true (user-level DP clips or checks each client's update on the server; "
+                       "distributed DP over the secure sum is not implemented yet)")
+    if cfg.dp.enabled:
+        refused.append("dp.enabled = true (DP-SGD replies report each client's ε and example count in the clear, "
+                       "and the privacy ledger reads them; not wired into the masked upload yet)")
+    if cfg.faults.byzantine_fraction > 0 and cfg.faults.attack in REWRITING:
+        refused.append(f"faults.attack = '{cfg.faults.attack}' (it rewrites each client's dense update on the "
+                       "server, which holds only masked vectors; use 'label_flip')")
+    if cfg.faults.malformed:
+        refused.append("faults.malformed (its kinds rewrite dense adapter tensors or reply metrics, and a masked "
+                       "upload carries neither)")
+    if cfg.sim.comm_budget_mb:
+        refused.append("sim.comm_budget_mb (the budget predicts a round from its train messages, not yet from "
+                       "the SecAgg stages)")
+    if refused:
+        raise ConfigError("secagg.enabled = true cannot be combined with " + "; ".join(refused))
+    try:
+        round_options(cfg.secagg, cfg.sim.clients_per_round)
+    except ValueError as err:
+        raise ConfigError(f"[secagg] with sim.clients_per_round = {cfg.sim.clients_per_round}: {err}") from None

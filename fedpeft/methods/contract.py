@@ -55,6 +55,9 @@ class Capabilities:
     # step; else what it is instead. User-level DP noise and `codecs.merge` rules assume a mean.
     weighted_mean: bool | str = True
     client_state: bool = False  # keeps per-client state in the client state store between rounds
+    # True when the aggregate is a plain weighted mean of fixed-shape dense updates, so a secure sum
+    # (`[secagg]`) can stand in for it; else why not. Off unless declared: a method must opt in.
+    secagg: bool | str = "it does not declare that its aggregate is a weighted mean of fixed-shape dense updates"
     # What a reply carries: DENSE adapter tensors (what tensor attacks and faults rewrite), or the name
     # of the method's own upload form (malformed-reply kinds name the form they apply to).
     uploads: str = DENSE

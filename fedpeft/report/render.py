@@ -66,7 +66,8 @@ def definitions(stats: list[RunStats]) -> list[tuple[str, str]]:
         ("bytes", "every figure is summed from the run's ledger, comm.csv (one row per record of every "
                   "message, as Flower serializes it); MB = 2^20 bytes, as `fedpeft simulate` prints it"),
         ("participations", "upload messages in rounds ≥ 1 of comm.csv (each message has one `_envelope` row; "
-                           "QUERY messages are node discovery, not training)"),
+                           "QUERY messages are node discovery, and `train.secagg_*` "
+                           "messages the other stages of secure aggregation, not training)"),
         (f"bytes to {fraction:.0%} of final", f"cumulative bytes, download + upload, through the end of the "
          f"first round whose {reaching} (round 0 counts: it is 0 B in a simulation)"
          + ("; only rounds that measured it count (causal-LM runs generate every `eval.generate_every` rounds, "

@@ -154,8 +154,10 @@ def run_stats(run: Run, target_fraction: float = DEFAULT_TARGET) -> RunStats:
             messages[rec.direction] += 1
             c[f"msg_{rec.direction}"] += 1
             # Node discovery (QUERY messages: round 0 under `flwr run`, and later rounds that a node
-            # joined or came back in) is not training.
-            if rec.direction == "up" and rec.round >= 1 and rec.message_type != "query":
+            # joined or came back in) is not training, nor are secure aggregation's other stages
+            # (`train.secagg_*`): one participation is one reply to a round's train message.
+            if rec.direction == "up" and rec.round >= 1 and rec.message_type != "query" \
+                    and not rec.message_type.startswith("train."):
                 participations += 1
 
     metric = run.primary_metric

@@ -23,7 +23,9 @@ from fedpeft.app.runconfig import (
 )
 from fedpeft.app.server.phases import Sent, ServerRound
 from fedpeft.app.server.resume import Checkpoint, read_checkpoint, truncate_logs
+from fedpeft.app.server.secure import SecureRounds
 from fedpeft.app.server.summary import run_summary, score_summary
+from fedpeft.config import Config, ConfigError
 from fedpeft.env import quiet_libraries
 from fedpeft.evaluation import Evaluator
 from fedpeft.faults.server_side import ServerFaults
@@ -80,10 +82,13 @@ def run_server(
         strategy.example_limits = {cid: len(p) for cid, p in enumerate(task.partitions)}
     with_user_dp(strategy, cfg, simulated=str(rc.get(RUN_DIR_KEY, "") or "") != "")
     faults = ServerFaults(cfg, directory.client_of) if cfg.faults.active else None
+    secure = _secure_rounds(cfg, strategy, lgrid, directory, faults)
     run = ServerRound(cfg, strategy, lgrid, directory, ledger, PrivacyLedger(rundir.privacy_csv),
-                      Evaluator(cfg, task), rundir, model, simulated, faults, t_start)
+                      Evaluator(cfg, task), rundir, model, simulated, faults, secure, t_start)
     policy = FailurePolicy(cfg.sim.max_failed_rounds)
     strategy.summary()
+    if secure is not None:
+        secure.summary()
     arrays = strategy.initial_arrays()
 
     if ckpt is not None:
@@ -133,6 +138,18 @@ def run_server(
         summary["stopped"] = stopped.record()
     rundir.write_summary(summary)
     return summary
+
+
+def _secure_rounds(cfg: Config, strategy: Any, grid: LedgerGrid, directory: NodeDirectory,
+                   faults: ServerFaults | None) -> SecureRounds | None:
+    """The secure-aggregation driver when `secagg.enabled`, with the public largest weight (the largest partition)."""
+    if not cfg.secagg.enabled:
+        return None
+    if not strategy.example_limits:
+        # a weight above the public maximum is refused, so the maximum must be known to every party
+        raise ConfigError("secagg.enabled = true runs under `fedpeft simulate` only for now: on SuperNodes the "
+                          "server does not know the largest client's example count, the public weight bound")
+    return SecureRounds(cfg, strategy, grid, directory, faults, max(strategy.example_limits.values()))
 
 
 def _resume_point(rundir: RunDir, workdir: Path, run_id: int) -> Checkpoint:

@@ -17,6 +17,7 @@ from flwr.supercore import log
 from fedpeft.app.engine.workers import round_counts
 from fedpeft.app.server.protocol import RoundStrategy
 from fedpeft.app.server.resume import Checkpoint, log_sizes, write_checkpoint
+from fedpeft.app.server.secure import SecureOutcome, SecureRounds
 from fedpeft.budget import BudgetStop, check_round
 from fedpeft.config import Config
 from fedpeft.evaluation import Evaluator
@@ -37,6 +38,7 @@ class Sent:
     replies: list[Message]
     sampled: list[int]  # client ids of the sampled nodes
     lost: list[tuple[int, str]] = field(default_factory=list)  # (client id, why no usable reply arrived)
+    secure: SecureOutcome | None = None  # the round ran secure aggregation: its outcome (replies: masked uploads)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ServerRound:
     model: Any
     simulated: bool
     faults: ServerFaults | None = None
+    secure: SecureRounds | None = None  # `[secagg]`: the round's exchange is SecAgg+'s four stages
     t_start: float = field(default_factory=time.perf_counter)
 
     def evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, float]:
@@ -88,12 +91,17 @@ class ServerRound:
         msgs = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid))
         if (stopped := check_round(self.cfg.sim.comm_budget_mb, rnd, self.ledger, msgs)) is not None:
             return stopped
-        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.sim.round_timeout_s)
         sampled = [self.directory.client_of(m.metadata.dst_node_id) for m in msgs]
+        if self.secure is not None:  # each stage screened as it came back: collect_and_screen has nothing to add
+            outcome = self.secure.run(rnd, msgs)
+            return Sent(msgs, outcome.replies, sampled, list(outcome.lost), outcome)
+        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.sim.round_timeout_s)
         return Sent(msgs, list(replies), sampled)
 
     def collect_and_screen(self, rnd: int, sent: Sent) -> Sent:
         """Name the clients refused or timed out by the grid, and apply injected transit faults."""
+        if sent.secure is not None:
+            return sent
         client_of, timeout = self.directory.client_of, self.cfg.sim.round_timeout_s
         sent.lost = [(client_of(r.node_id), f"refused: {r.reason}") for r in self.grid.refused]
         sent.lost += [(client_of(n), f"timed out: no reply within sim.round_timeout_s = {timeout:g} s")
@@ -105,9 +113,14 @@ class ServerRound:
 
     def aggregate(self, rnd: int, sent: Sent, arrays: ArrayRecord) -> Aggregated:
         """The strategy validates and aggregates the replies; every client without a usable reply, with why."""
+        injected = self.faults.injected if self.faults is not None else None
+        if sent.secure is not None:  # the strategy gets the decoded mean update, never a client's own
+            new = self.strategy.aggregate_secure(rnd, sent.secure.mean, len(sent.secure.survivors),
+                                                 sent.secure.failure)
+            rejected = failures(rnd, sent.secure.invalid + sent.lost, injected)
+            return Aggregated(new if new is not None else arrays, None, rejected, 0)
         new_arrays, metrics = self.strategy.aggregate_train(rnd, sent.replies)
         invalid = [(r.client_id, r.reason) for r in self.strategy.pop_rejections()]
-        injected = self.faults.injected if self.faults is not None else None
         rejected = failures(rnd, invalid + sent.lost, injected)
         return Aggregated(new_arrays if new_arrays is not None else arrays, metrics, rejected, len(invalid))
 
@@ -122,6 +135,8 @@ class ServerRound:
             row["round_failed"] = failure
         if self.faults is not None:
             row["faults"] = self.faults.counts(rnd, sent.sampled)
+        if sent.secure is not None:
+            row.update(sent.secure.report)
         client_metrics = self.strategy.pop_client_metrics()
         row.update(epsilon_stats(self.privacy.record(rnd, client_metrics)))
         seconds = [float(m[TRAIN_SECONDS]) for _, m in client_metrics if TRAIN_SECONDS in m]

@@ -20,6 +20,7 @@ class RoundStrategy(Protocol):
 
     failure: str | None  # why the last round failed (sim.min_replies), or None
     example_limits: dict[int, int]  # client id -> its example count, where the server knows it
+    upload_template: dict[str, tuple[tuple[int, ...], str]]  # what a reply uploads: key -> (shape, dtype)
 
     def summary(self) -> None:
         """Log the method, its options and any installed mechanism."""
@@ -40,6 +41,10 @@ class RoundStrategy(Protocol):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global (None: unchanged) and the aggregated train metrics."""
+
+    def aggregate_secure(self, server_round: int, mean_update: dict[str, np.ndarray] | None, count: int,
+                         failure: str | None) -> ArrayRecord | None:
+        """The new global from a securely aggregated mean update of `count` clients (None: unchanged)."""
 
     def pop_rejections(self) -> list[Any]:
         """Rejected replies since the last call (each with `client_id` and `reason`)."""
