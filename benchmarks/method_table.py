@@ -131,7 +131,7 @@ def table(out: Path) -> str:
         r = max(runs, key=lambda x: x["accuracy"][-1])
         acc = r["accuracy"]
         final = f"{acc[-1]:.3f}" + (f" ({r[PERSONAL]:.3f} personal)" if r.get(PERSONAL) is not None else "")
-        labels = [describe(shipped_options(rows[key][0]) or runs[0]["overlay"])]
+        labels = [describe(merged(shipped_options(rows[key][0]), runs[0]["overlay"]))]
         labels += [describe(x["overlay"]) for x in runs[1:]]
         chosen = labels[runs.index(r)]
         tried = "; ".join(f"{t}: {x['accuracy'][-1]:.3f}" for t, x in zip(labels, runs)) if len(runs) > 1 else ""
