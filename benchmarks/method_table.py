@@ -93,7 +93,7 @@ def run(key: str, method: str, overlay: dict, out: Path, extra: list[str]) -> di
 
 def load(out: Path, key: str) -> dict | None:
     """A finished run's figures, or None."""
-    p = out / f"{key.replace('/', '_')}.json"
+    p = out / f"{key}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 

@@ -25,9 +25,11 @@ def refactorize(delta: np.ndarray, rank: int, orthonormal_a: bool = False) -> tu
     `orthonormal_a`: B = U·S and A = Vᵀ instead, so A's rows are orthonormal (FedSVD).
     """
     u, s, vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-    left = s[:rank] if orthonormal_a else np.sqrt(s[:rank])
-    right = np.ones_like(left) if orthonormal_a else left
-    return (u[:, :rank] * left).astype(delta.dtype), (right[:, None] * vh[:rank]).astype(delta.dtype)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    if orthonormal_a:
+        return (u * s).astype(delta.dtype), vh.astype(delta.dtype)
+    root = np.sqrt(s)
+    return (u * root).astype(delta.dtype), (root[:, None] * vh).astype(delta.dtype)
 
 
 def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
