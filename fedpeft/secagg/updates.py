@@ -16,7 +16,7 @@ import numpy as np
 
 from fedpeft.config import SecAggConfig
 from fedpeft.secagg.options import SecAggOptions
-from fedpeft.secagg.weights import weighted_mean, weighted_mean_error_bound, with_weight
+from fedpeft.secagg.weights import weighted_mean, with_weight
 
 _FIELDS = re.compile(r"\b(threshold|num_shares|clip_range|quantization_bits)\b")
 
@@ -72,8 +72,3 @@ def mean_update(total: Sequence[np.ndarray], keys: Sequence[str], options: SecAg
     """(key -> the weighted mean update, float64; Σ weights) from the decoded sum of `upload_vector`s."""
     means, total_weight = weighted_mean(total, options, max_weight)
     return dict(zip(sorted(keys), means, strict=True)), total_weight
-
-
-def mean_error_bound(options: SecAggOptions, count: int, total_weight: float, max_weight: float) -> float:
-    """Largest quantization error of the mean update per value, for `count` clients of total weight Σw."""
-    return weighted_mean_error_bound(options, count, total_weight, max_weight)

@@ -20,9 +20,8 @@ from fedpeft.app.recipe import load, validate
 from fedpeft.config import ConfigError, SecAggConfig
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory
-from fedpeft.secagg import DONE, Key, SecAggClient, SecAggServer, Stage, weight_ratio
+from fedpeft.secagg import DONE, Key, SecAggClient, SecAggServer, Stage, weight_ratio, weighted_mean_error_bound
 from fedpeft.secagg.updates import (
-    mean_error_bound,
     mean_update,
     resolve_shares,
     resolve_threshold,
@@ -175,7 +174,7 @@ def test_upload_vectors_sum_to_the_weighted_mean_of_clipped_updates():
     mean, total_w = mean_update(result.total, list(template), opts, max_w)
     ratios = [weight_ratio(w, max_w, opts) for w in weights]
     assert math.isclose(total_w, sum(ratios) * max_w)
-    bound = mean_error_bound(opts, len(nodes), total_w, max_w)
+    bound = weighted_mean_error_bound(opts, len(nodes), total_w, max_w)
     for k in template:
         exact = sum(r * np.clip(trained[n][k].astype(np.float64) - sent[k], -0.8, 0.8)
                     for r, n in zip(ratios, nodes)) / sum(ratios)

@@ -25,9 +25,8 @@ from fedpeft.config import Config
 from fedpeft.faults.server_side import ServerFaults
 from fedpeft.ledger import LedgerGrid
 from fedpeft.nodes import NodeDirectory
-from fedpeft.secagg import DONE, SecAggError, SecAggReplyError, SecAggServer, Stage
+from fedpeft.secagg import DONE, SecAggError, SecAggReplyError, SecAggServer, Stage, weighted_mean_error_bound
 from fedpeft.secagg.updates import (
-    mean_error_bound,
     mean_update,
     round_options,
     vector_shapes,
@@ -116,7 +115,7 @@ class SecureRounds:
         out.report.update({
             "secagg_survivors": result.count,
             "secagg_dropped": {stage: len(nodes) for stage, nodes in result.dropped.items()},
-            "secagg_error_bound": mean_error_bound(opts, result.count, total_weight, self.max_weight)})
+            "secagg_error_bound": weighted_mean_error_bound(opts, result.count, total_weight, self.max_weight)})
         log(INFO, "round %d: secure sum over %d of %d clients", rnd, result.count, len(msgs))
         return out
 
