@@ -22,8 +22,8 @@ from fedpeft.app.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
 from strategies import available_methods, get_strategy_class
 
 ROOT = Path(__file__).resolve().parents[2]
-NODES = {201: 0, 202: 1, 203: 2, 204: 3, 205: 4, 206: 5}
-SMALL = ["data.builtin.num_train=160", "data.builtin.num_test=16", "sim.num_clients=6", "sim.clients_per_round=5",
+NODES = {201: 0, 202: 1, 203: 2, 204: 3, 205: 4, 206: 5, 207: 6}
+SMALL = ["data.builtin.num_train=160", "data.builtin.num_test=16", "sim.num_clients=7", "sim.clients_per_round=5",
          "train.local_steps=2", "train.batch_size=8", "eval.generate_examples=4", "model.max_length=48",
          "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"]
 
@@ -63,6 +63,8 @@ def _raw(method: str) -> dict:
         raw["method"]["num_seeds"] = 64
     if "f" in raw["method"]:  # Krum's assumed attackers, scaled to 5 clients per round
         raw["method"].update(f=1, **({"m": 2} if "m" in raw["method"] else {}))
+    if method == "bulyan":  # Bulyan needs 4f + 3 = 7 replies for f = 1
+        raw["sim"]["clients_per_round"] = 7
     return raw
 
 
