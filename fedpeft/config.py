@@ -185,7 +185,9 @@ class UserDPConfig(_Section):
     """User-level DP through Flower's DP strategy wrappers: each client's whole update is clipped, the mean noised."""
 
     enabled: bool = False
-    side: Literal["server", "client"] = Field("server", description="who clips each update (client: Flower's mod)")
+    side: Literal["server", "client", "distributed"] = Field(
+        "server", description="who clips each update (client: Flower's mod); distributed: each client clips and "
+        "adds its share of the noise before secure aggregation (needs secagg.enabled)")
     clipping: Literal["fixed", "adaptive"] = "fixed"
     noise_multiplier: float | None = Field(None, gt=0.0, description="set this or target_epsilon")
     target_epsilon: float | None = Field(None, gt=0.0, description="noise solved for sim.rounds releases")
@@ -308,6 +310,9 @@ class SecAggConfig(_Section):
     clip_range: float = Field(1.0, gt=0.0, description="each value of a client's update is clipped to "
                               "[-clip_range, clip_range] before quantization")
     quantization_bits: int = Field(22, ge=1, le=30, description="2**bits quantization levels over the clip range")
+    max_weight: int | None = Field(None, ge=1, description="public bound on a client's weight (its example count) "
+                                   "in the secure mean: unset, the largest partition (simulation); required on "
+                                   "SuperNodes, where a client above it is refused")
 
     @model_validator(mode="after")
     def _counts_are_whole(self) -> "SecAggConfig":

@@ -56,6 +56,10 @@ class ReleaseMechanism(Protocol):
                   valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The release from the valid replies (before the server step), or None."""
 
+    def secure_mean(self, strategy: "AdapterStrategy", server_round: int, mean: dict[str, np.ndarray] | None,
+                    count: int) -> dict[str, np.ndarray] | None:
+        """Under `[secagg]`: the release from the decoded mean of `count` updates the clients noised (or None)."""
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The mechanism's state, keys prefixed by RELEASE_STATE."""
 
@@ -260,6 +264,8 @@ class AdapterStrategy(FedAvg):
         clients' updates (`count` of them), never one client's own. `failure` is why the protocol stopped.
         """
         self.decoded, self.failure = {}, failure
+        if self.release is not None:  # distributed DP: the clients noised their updates, the mechanism scales
+            mean_update = self.release.secure_mean(self, server_round, None if failure else mean_update, count)
         sampled = len(self.sent) or self.cfg.sim.clients_per_round
         need = required_replies(self.cfg.sim.min_replies, sampled)
         if failure is None and count < need:

@@ -13,10 +13,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.base import ClientRuntime, Trainer
 from fedpeft.codecs.endpoints import numpy_state
-from fedpeft.privacy.noise import SEEDED, noise_source
+from fedpeft.privacy.distributed import is_distributed, noised_update, share_std
+from fedpeft.privacy.noise import SEEDED, noise_source, numpy_noise_rng
+from fedpeft.privacy.user_level import plan as user_plan
 from fedpeft.records import ARRAYS, CONFIG, SERVER_ROUND, num_examples
 from fedpeft.secagg import SecAggClient
-from fedpeft.secagg.updates import upload_vector
+from fedpeft.secagg.updates import update_vector, upload_vector
 from fedpeft.secagg.wire import CLIENT_STATE, MAX_WEIGHT, from_content, to_content
 from fedpeft.seeding import derive_seed
 
@@ -47,13 +49,21 @@ def secure_train(trainer: Trainer, rt: ClientRuntime, msg: Message, cid: int, co
     sent = {k: v for k, v in numpy_state(msg.content[ARRAYS]).items() if k in trainer.uploads}
     reply = trainer.train(msg, cid)
     client = _client(msg, context)
-    # the weight is the client's own example count; weights above the public maximum are refused
-    vector = upload_vector(numpy_state(reply[ARRAYS]), sent, num_examples(reply), float(request[MAX_WEIGHT]),
-                           client.options)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
-    # stochastic rounding: reproducible in simulation, OS entropy where the seed is the server's to know
-    seeded = noise_source(rt.cfg, rt.simulated) == SEEDED
-    seed = derive_seed(rt.cfg.sim.seed, server_round, cid, "secagg-rounding") if seeded else None
+    # stochastic rounding and DP noise: reproducible in simulation, OS entropy where the seed is the server's to know
+    source = noise_source(rt.cfg, rt.simulated)
+    if is_distributed(rt.cfg):
+        # distributed DP: clip to C and add this client's share of the noise; every update weighs 1
+        u = rt.cfg.dp.user
+        std = share_std(user_plan(rt.cfg).noise_multiplier, u.clipping_norm, client.options.threshold)
+        rng = numpy_noise_rng(source, rt.cfg.sim.seed, server_round, cid, "user-dp-share")
+        update = noised_update(numpy_state(reply[ARRAYS]), sent, u.clipping_norm, std, rng)
+        vector = update_vector(update, 1.0, float(request[MAX_WEIGHT]), client.options)
+    else:
+        # the weight is the client's own example count; weights above the public maximum are refused
+        vector = upload_vector(numpy_state(reply[ARRAYS]), sent, num_examples(reply), float(request[MAX_WEIGHT]),
+                               client.options)
+    seed = derive_seed(rt.cfg.sim.seed, server_round, cid, "secagg-rounding") if source == SEEDED else None
     payload = client.handle(request, vector, rounding_seed=seed)
     _keep(context, client)
     return to_content(payload)

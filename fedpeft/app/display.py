@@ -135,7 +135,9 @@ def privacy_header(cfg) -> str:
         parts.append("sample-level DP-SGD (Poisson batches, add/remove one example)")
     if cfg.dp.user.enabled:
         q = cfg.sim.clients_per_round / cfg.sim.num_clients
+        where = ("the clients, which add their noise shares before secure aggregation"
+                 if cfg.dp.user.side == "distributed" else cfg.dp.user.side)
         parts.append(f"user-level DP (Poisson client sampling at q = {q:.3g}, add/remove one user, "
-                     f"{cfg.dp.user.clipping} clipping on the {cfg.dp.user.side})")
+                     f"{cfg.dp.user.clipping} clipping on the {where})")
     seeded = noise_source(cfg, simulated=True) == "seeded"
     return f"privacy: {'; '.join(parts)}; {'seeded noise (reproducible)' if seeded else 'noise from OS entropy'}"

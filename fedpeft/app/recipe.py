@@ -93,9 +93,9 @@ def check_secagg(cfg: Config, spec: MethodSpec) -> None:
     if cfg.codecs.active:
         refused.append("[codecs] (a masked upload is uniformly random in the ring, so no codec compresses it, and the "
                        "codecs decode and merge each client's own update, which the server never sees)")
-    if cfg.dp.user.enabled:
-        refused.append("dp.user.enabled = true (user-level DP clips or checks each client's update on the server; "
-                       "distributed DP over the secure sum is not implemented yet)")
+    if cfg.dp.user.enabled and cfg.dp.user.side != "distributed":
+        refused.append(f"dp.user.side = '{cfg.dp.user.side}' (it clips each client's update where secure "
+                       "aggregation hides it: use dp.user.side = 'distributed', the clients clip and noise)")
     if cfg.dp.enabled:
         refused.append("dp.enabled = true (DP-SGD replies report each client's ε and example count in the clear, "
                        "and the privacy ledger reads them; not wired into the masked upload yet)")

@@ -34,9 +34,10 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, get_norm
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.privacy import accounting
+from fedpeft.privacy import accounting, distributed
 from fedpeft.privacy.noise import noise_source, numpy_noise_rng
 from fedpeft.records import reply_metrics
+from fedpeft.secagg.updates import resolve_threshold
 
 # Each clipped update enters the sum with weight 1 (the noise is calibrated to one user's C).
 UNIFORM_KEY = "user-dp-weight"
@@ -105,6 +106,8 @@ def check_config(cfg: Config) -> None:
             "directions: remove codecs.up / codecs.down, or use dp.user.side = 'server' (clips the decoded updates)"
         )
     p = plan(cfg)
+    if u.side == distributed.DISTRIBUTED:
+        distributed.check_config(cfg, p.noise_multiplier, resolve_threshold(cfg.secagg, cfg.sim.clients_per_round))
     if p.delta >= 1.0 / cfg.sim.num_clients:
         raise ConfigError(
             f"dp.user.delta = {p.delta:g} is >= 1/sim.num_clients = {1.0 / cfg.sim.num_clients:g}; "
@@ -223,6 +226,25 @@ class UserLevelDP:
             self._update_bound(unclipped, len(valid), gen)
         # A server optimizer acts on the noised mean: post-processing, so ε is unchanged.
         return ArrayRecord(new), None
+
+    def secure_mean(self, strategy, server_round: int, mean: dict[str, np.ndarray] | None,
+                    count: int) -> dict[str, np.ndarray] | None:
+        """Distributed DP: the secure mean of `count` noised, clipped updates (weight 1 each) over the fixed denominator."""
+        if strategy.sent:  # accounted every round clients were sampled, as for the central mechanism
+            self.releases += 1
+        else:
+            strategy.failure = (f"Poisson client sampling (q = {self.plan.sample_rate:.4g}) drew no client "
+                                "this round")
+        if mean is None:
+            self.last_round = {}
+            return None
+        m = self.plan.expected_clients
+        bound = self.clipping_norm
+        self.last_round = {"user_replies": count, "user_noise_std": self.update_multiplier * bound / m,
+                           "user_effective_noise_multiplier": self.update_multiplier,
+                           "user_round_clipping_norm": bound}
+        # the decoded mean is Σ / count (every weight is 1): rescale it to Σ / m
+        return {k: v * (count / m) for k, v in mean.items()}
 
     def _update_bound(self, unclipped: int, replies: int, gen: np.random.Generator) -> None:
         """C ← C·exp(−η(b̃ − γ)), b̃ the noised fraction of unclipped updates from centred indicators."""

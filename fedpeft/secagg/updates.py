@@ -60,11 +60,17 @@ def vector_shapes(template: Mapping[str, tuple[tuple[int, ...], str]]) -> list[t
 def upload_vector(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], weight: float,
                   max_weight: float, options: SecAggOptions) -> list[np.ndarray]:
     """r·clip(trained − sent) per tensor (sorted keys; `sent` names them), then [r·c] (ValueError: bad weight)."""
-    c = options.clip_range
     # float64 before subtracting: the difference of two float32 tensors is then exact
-    update = [np.clip(np.asarray(trained[k], dtype=np.float64) - np.asarray(sent[k], dtype=np.float64), -c, c)
-              for k in sorted(sent)]
-    return with_weight(update, weight, max_weight, options)
+    update = {k: np.asarray(trained[k], dtype=np.float64) - np.asarray(sent[k], dtype=np.float64) for k in sent}
+    return update_vector(update, weight, max_weight, options)
+
+
+def update_vector(update: Mapping[str, np.ndarray], weight: float, max_weight: float,
+                  options: SecAggOptions) -> list[np.ndarray]:
+    """r·clip(update) per tensor (sorted keys), then [r·c] (ValueError: bad weight)."""
+    c = options.clip_range
+    return with_weight([np.clip(np.asarray(update[k], dtype=np.float64), -c, c) for k in sorted(update)],
+                       weight, max_weight, options)
 
 
 def mean_update(total: Sequence[np.ndarray], keys: Sequence[str], options: SecAggOptions,

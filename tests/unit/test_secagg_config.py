@@ -73,7 +73,8 @@ def test_the_refused_and_the_supported_methods_are_the_declared_ones():
     (['codecs.up=["delta","int8"]'], "[codecs] (a masked upload is uniformly random"),
     (['codecs.down=["fp16"]'], "[codecs]"),
     (['codecs.merge="ties"', 'codecs.up=["delta"]'], "[codecs]"),
-    (["dp.user.enabled=true", "dp.user.noise_multiplier=1.0"], "dp.user.enabled = true (user-level DP clips"),
+    (["dp.user.enabled=true", "dp.user.noise_multiplier=1.0"], "dp.user.side = 'server' (it clips each client's"),
+    (["dp.user.enabled=true", "dp.user.noise_multiplier=1.0", 'dp.user.side="client"'], "use dp.user.side = 'distributed'"),
     (["dp.enabled=true", "dp.noise_multiplier=1.0"], "dp.enabled = true (DP-SGD replies"),
     (["faults.byzantine_fraction=0.2", 'faults.attack="scale"'], "faults.attack = 'scale' (it rewrites"),
     (["faults.malformed=0.1"], "faults.malformed (its kinds rewrite"),
@@ -254,3 +255,23 @@ def test_a_failed_protocol_or_too_few_updates_keep_the_global(count, failure, re
     assert strategy.aggregate_secure(1, mean if failure is None else None, count, failure) is None
     assert reason in strategy.failure
 
+
+
+@pytest.mark.parametrize("limits,max_weight,want", [
+    ({0: 40, 1: 90}, None, 90.0),  # simulation: the largest partition
+    ({0: 40, 1: 90}, 120, 120.0),  # a bound set above it
+    ({}, 120, 120.0),  # on SuperNodes: the bound as set
+    ({0: 40, 1: 90}, 60, "secagg.max_weight = 60 is below the largest partition (90 examples)"),
+    ({}, None, "on SuperNodes needs secagg.max_weight"),
+])
+def test_the_public_weight_bound_comes_from_the_recipe_or_the_partitions(limits, max_weight, want):
+    from fedpeft.app.server import _secure_rounds
+
+    strategy, _, _ = _strategy("fedavg", LORA)
+    strategy.example_limits = limits
+    cfg = strategy.cfg.model_copy(update={"secagg": strategy.cfg.secagg.model_copy(update={"max_weight": max_weight})})
+    if isinstance(want, str):
+        with pytest.raises(ConfigError, match=want.replace("(", r"\(").replace(")", r"\)")):
+            _secure_rounds(cfg, strategy, None, strategy.directory, None)
+    else:
+        assert _secure_rounds(cfg, strategy, None, strategy.directory, None).max_weight == want

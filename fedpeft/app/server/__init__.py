@@ -32,6 +32,7 @@ from fedpeft.faults.server_side import ServerFaults
 from fedpeft.ledger import CommLedger, LedgerGrid
 from fedpeft.models import build_model, device_for
 from fedpeft.nodes import NodeDirectory, discover
+from fedpeft.privacy.distributed import is_distributed
 from fedpeft.privacy.ledger import PrivacyLedger
 from fedpeft.privacy.sample_level import check_task
 from fedpeft.privacy.user_level import with_user_dp
@@ -142,14 +143,22 @@ def run_server(
 
 def _secure_rounds(cfg: Config, strategy: Any, grid: LedgerGrid, directory: NodeDirectory,
                    faults: ServerFaults | None) -> SecureRounds | None:
-    """The secure-aggregation driver when `secagg.enabled`, with the public largest weight (the largest partition)."""
+    """The secure-aggregation driver when `secagg.enabled`, with the public largest weight a client may send."""
     if not cfg.secagg.enabled:
         return None
-    if not strategy.example_limits:
+    if is_distributed(cfg):  # distributed DP: every clipped update counts alike, weight 1
+        return SecureRounds(cfg, strategy, grid, directory, faults, 1.0)
+    largest = max(strategy.example_limits.values()) if strategy.example_limits else None
+    if cfg.secagg.max_weight is not None:
+        if largest is not None and largest > cfg.secagg.max_weight:
+            raise ConfigError(f"secagg.max_weight = {cfg.secagg.max_weight} is below the largest partition "
+                              f"({largest} examples): that client's upload would be refused; raise it or unset it")
+        return SecureRounds(cfg, strategy, grid, directory, faults, cfg.secagg.max_weight)
+    if largest is None:
         # a weight above the public maximum is refused, so the maximum must be known to every party
-        raise ConfigError("secagg.enabled = true runs under `fedpeft simulate` only for now: on SuperNodes the "
-                          "server does not know the largest client's example count, the public weight bound")
-    return SecureRounds(cfg, strategy, grid, directory, faults, max(strategy.example_limits.values()))
+        raise ConfigError("secagg.enabled = true on SuperNodes needs secagg.max_weight: the server does not know "
+                          "the clients' example counts, and the public bound on a client's weight must be set")
+    return SecureRounds(cfg, strategy, grid, directory, faults, largest)
 
 
 def _resume_point(rundir: RunDir, workdir: Path, run_id: int) -> Checkpoint:
