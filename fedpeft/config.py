@@ -107,7 +107,8 @@ class PartitionConfig(_Section):
 
     type: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = Field(0.5, gt=0.0)
-    by: str = Field("label", description="column the non-IID partitioners skew on")
+    by: str | list[str] = Field("label", description="column the non-IID partitioners skew on; a list: the "
+                                "first of its columns the data has (e.g. ['group', 'label'])")
     shards_per_client: int = Field(2, gt=0)
     min_partition_size: int = Field(2, ge=0)
 

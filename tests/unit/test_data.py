@@ -91,3 +91,29 @@ def test_missing_file_and_column_and_unmapped_label(tmp_path):
 def test_offline_hub_dataset_gives_instructions():
     with pytest.raises(DataError, match="data.source = 'file'"):
         load_raw(DataConfig(source="hub", path="stanfordnlp/imdb"), seed=0)
+
+
+def test_a_list_of_columns_skews_on_the_first_the_data_has():
+    train = Dataset.from_dict({"text": [f"t{i}" for i in range(60)], "label": [i % 3 for i in range(60)]})
+    cfg = PartitionConfig(type="dirichlet", by=["group", "label"], alpha=0.3)
+    parts = partition_indices(train, cfg, 4, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(60))
+    with pytest.raises(DataError, match=r"partition.by = \['group', 'colour'\]: none is a column"):
+        partition_indices(train, PartitionConfig(type="dirichlet", by=["group", "colour"]), 4, seed=0)
+
+
+def test_the_default_recipe_runs_on_a_users_csv_without_editing_it(tmp_path):
+    """`--set data.path=reviews.csv` on the default recipe: text and label columns, string class names."""
+    from pathlib import Path
+
+    from fedpeft.app.recipe import load
+    from fedpeft.data import prepare
+
+    csv = tmp_path / "reviews.csv"
+    names = ["negative", "neutral", "positive"]
+    csv.write_text("text,label\n" + "".join(f"review number {i} was {names[i % 3]},{names[i % 3]}\n"
+                                              for i in range(300)))
+    recipe = Path(__file__).resolve().parents[2] / "simulations" / "default.toml"
+    cfg = load(recipe, [f'data.path="{csv}"', "sim.num_clients=10", "sim.clients_per_round=5"])
+    task = prepare(cfg, tmp_path / "task")
+    assert len(task.partitions) == 10 and sum(len(p) for p in task.partitions) > 0
