@@ -35,7 +35,7 @@ def _pinned_console():
         console.file = None  # back to following sys.stderr
 
 
-def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool,
+def _run_with_progress(cfg, progress: Progress, verbose: bool,
                        resume: Path | None = None) -> tuple[dict | None, BaseException | None]:
     """Run one simulation with a progress task per round; (summary, None) or (None, the exception it raised)."""
     from fedpeft.app.display import ProgressLine
@@ -47,9 +47,15 @@ def _run_with_progress(run_simulation, cfg, progress: Progress, verbose: bool,
     def on_round(row: dict) -> None:
         progress.update(task, completed=row["round"], status=line.update(row))
 
+    from fedpeft.app import api
+
     try:
-        extra = {"resume": resume} if resume is not None else {}
-        return run_simulation(cfg, on_round=on_round, verbose=verbose, on_start=started, **extra), None
+        if resume is not None:
+            run = api.resume(resume, on_round=on_round, verbose=verbose, on_start=started,
+                             ray_address=cfg.sim.ray_address)
+        else:
+            run = api.simulate(cfg, on_round=on_round, verbose=verbose, on_start=started)
+        return run.summary(), None
     except BaseException as err:  # reported by the caller, once the progress display has stopped
         return None, err
 
@@ -75,7 +81,7 @@ def simulate(
     set_offline_env()
     quiet_libraries(verbose)
     from fedpeft.config import ConfigError
-    from fedpeft.app.recipe import load
+    from fedpeft.app.api import load_recipe
     from fedpeft.app.server.resume import ResumeError
     from fedpeft.models import device_for, model_label
     from fedpeft.precision import resolve as resolve_precision
@@ -88,7 +94,7 @@ def simulate(
             if ray_address:
                 cfg = cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"ray_address": ray_address})})
         else:
-            cfg = load(recipe, set_ or [])
+            cfg = load_recipe(recipe, set_ or [])
     except (ConfigError, ResumeError) as err:
         exit_expected(err)
     console.print(
@@ -101,8 +107,6 @@ def simulate(
         from fedpeft.app.display import privacy_header
 
         console.print(privacy_header(cfg))
-    from fedpeft.app.simulate import simulate as run_simulation
-
     with _pinned_console(), Progress(
         TextColumn("[bold]round[/bold]"),
         MofNCompleteColumn(),
@@ -112,7 +116,7 @@ def simulate(
         console=console,
         transient=False,
     ) as progress:
-        summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose, resume)
+        summary, failure = _run_with_progress(cfg, progress, verbose, resume)
     if isinstance(failure, KeyboardInterrupt):
         where = f" ({current.run_dir})" if current.run_dir else ""
         console.print(f"[yellow]interrupted[/yellow]: rounds completed so far are in the run directory{where}")
@@ -136,12 +140,11 @@ def report(
     target: Annotated[float, typer.Option("--target", "--target-accuracy", help=TARGET_HELP)] = 0.9,
 ) -> None:
     """Write a communication-cost report (report.html, report.md, CSV tables, PNG plots) of one or more runs."""
-    from fedpeft.report import ReportError, make_report
+    from fedpeft.app.api import write_report
+    from fedpeft.report import ReportError
 
-    if out is None:
-        out = run_dirs[0] / "report" if len(run_dirs) == 1 else Path("runs") / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        files = make_report(run_dirs, out, target)
+        files = write_report(run_dirs, out, target)
     except ReportError as err:
         exit_expected(err)
     _print_incomplete(run_dirs)
@@ -180,19 +183,17 @@ def compare(
     quiet_libraries(verbose)
     from fedpeft.app.display import result_line
     from fedpeft.config import ConfigError
-    from fedpeft.app.recipe import load
-    from fedpeft.report import ReportError, make_report
+    from fedpeft.app.api import load_recipe, write_report
+    from fedpeft.report import ReportError
 
     if not 0 < target <= 1:
         exit_expected(ValueError(f"--target must be in (0, 1], got {target} (use 0.9 for 90 %)"))
     out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     # Every recipe is validated before the first run starts, so a typo in the last one costs nothing.
     try:
-        cfgs = [load(r, [*(set_ or []), f"sim.seed={seed}"]) for r in recipes]
+        cfgs = [load_recipe(r, [*(set_ or []), f"sim.seed={seed}"]) for r in recipes]
     except ConfigError as err:
         exit_expected(err)
-    from fedpeft.app.simulate import simulate as run_simulation
-
     run_dirs: list[Path] = []
     for i, cfg in enumerate(cfgs, start=1):
         label = f"[{i}/{len(cfgs)}] {escape(cfg.name)}: {cfg.method.name} / {cfg.adapter.type}"
@@ -200,7 +201,7 @@ def compare(
         with _pinned_console(), Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(),
                                          TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                                          console=console) as progress:
-            summary, failure = _run_with_progress(run_simulation, cfg, progress, verbose)
+            summary, failure = _run_with_progress(cfg, progress, verbose)
         if isinstance(failure, KeyboardInterrupt):
             console.print("[yellow]interrupted[/yellow]: finished runs are in " + ", ".join(map(str, run_dirs)))
             raise typer.Exit(130)
@@ -209,7 +210,7 @@ def compare(
         console.print(result_line(summary))
     current.run_dir = None
     try:
-        files = make_report(run_dirs, out, target)
+        files = write_report(run_dirs, out, target)
     except ReportError as err:
         exit_expected(err)
     _print_report_files(files)

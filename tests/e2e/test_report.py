@@ -192,7 +192,9 @@ def test_cli_compare_shares_seed_and_overrides_then_reports(tmp_path, monkeypatc
         run = write_run(tmp_path / "runs" / f"{cfg.name}-{len(seen)}", adapter=cfg.adapter.type)
         for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
             on_round({**m, "bytes_down": 0, "bytes_up": 0})
-        return {"run_dir": str(run), "final_accuracy": 0.9, "bytes_total": 1}
+        summary = {"run_dir": str(run), "final_accuracy": 0.9, "bytes_total": 1}
+        (run / "summary.json").write_text(json.dumps(summary))
+        return summary
 
     monkeypatch.setattr(fedpeft.app.simulate, "simulate", fake_simulate)
     out = tmp_path / "cmp"
