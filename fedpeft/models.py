@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedpeft import gguf
+import fedpeft.gguf as gguf
 from fedpeft.adapters import build_peft_config
 from fedpeft.config import AdapterConfig, Config, EvalConfig, ModelConfig
 from fedpeft.seeding import derive_seed

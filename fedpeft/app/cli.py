@@ -327,7 +327,7 @@ def info() -> None:
         table.add_row("embedded model", f"{'[green]available[/green]' if ok else '[red]incomplete[/red]'} ({path})")
     except ModelLoadError as err:
         table.add_row("embedded model", f"[red]missing[/red]: {err}")
-    from fedpeft import gguf
+    import fedpeft.gguf as gguf
     from fedpeft.precision import cpu_bf16_units
 
     try:

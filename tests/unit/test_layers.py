@@ -3,7 +3,8 @@
 - core: `fedpeft/` except `fedpeft/app/`; imports only core.
 - methods: `strategies/` and `clients/` except `clients/app/`; import core and methods, and a client
   (trainer) never imports a strategy: what both halves share lives in the core (`fedpeft/methods/`).
-- app: `fedpeft/app/` and `clients/app/` (the ClientApp); may import anything.
+- app: `fedpeft/app/`, `clients/app/` (the ClientApp) and the package root `fedpeft` (it re-exports the Python
+  API, `fedpeft.app.api`); may import anything.
 
 Every import counts, also inside functions and under `TYPE_CHECKING`.
 """
@@ -64,7 +65,7 @@ def _imports(mod: str) -> set[str]:
 
 def layer(mod: str) -> str:
     """core, methods or app: which folder the module sits in."""
-    if mod.startswith(("fedpeft.app", "clients.app")):
+    if mod == "fedpeft" or mod.startswith(("fedpeft.app", "clients.app")):
         return "app"
     return "core" if mod.startswith("fedpeft") else "methods"
 
