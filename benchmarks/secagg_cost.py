@@ -5,7 +5,7 @@ round of one local step (bytes do not depend on the training), with `sim.clients
 5, 10, 20 or 50. Three exchanges each: plain FedAvg; classic SecAgg (`secagg.num_shares = "all"`:
 every client shares its secrets with every other, so its share_keys traffic grows with n); and
 SecAgg+ (`secagg.num_shares = 0.3`: a neighbourhood of about 30 % of the round, rounded up to an odd
-count). The figures are the ledger's, measured per message and record as Flower serializes them,
+count, with the threshold a majority of it). The figures are the ledger's, measured per message and record as Flower serializes them,
 averaged over the round's clients, per stage.
 
     python benchmarks/secagg_cost.py                         # every run, then the table
@@ -31,6 +31,7 @@ VARIANTS = {  # key: (label, overrides)
     "secagg": ("SecAgg (all shares)", ["secagg.enabled=true"]),
     "secaggplus": ("SecAgg+ (num_shares 0.3)", ["secagg.enabled=true", "secagg.num_shares=0.3"]),
 }
+SHARES = 0.3
 RUNS = {f"{v}-{n}": (v, n) for n in SIZES for v in VARIANTS}
 STAGES = {  # message type -> the stage's name in the table
     "train.secagg_setup": "setup", "train.secagg_share_keys": "share keys", "train": "train / masked upload",
@@ -42,10 +43,15 @@ def run(key: str, out: Path, extra: list[str]) -> dict:
     """Run one exchange at one round size; store and return its per-stage bytes per client."""
     from fedpeft.app.recipe import load
     from fedpeft.app.simulate import simulate
+    from fedpeft.config import SecAggConfig
+    from fedpeft.secagg.updates import resolve_shares
 
     variant, n = RUNS[key]
     overrides = [f"sim.clients_per_round={n}", "sim.rounds=1", "train.local_steps=1", "output.checkpoint_every=0",
                  f'output.dir="{out / "runs"}"', f'name="{key}"', *VARIANTS[variant][1], *extra]
+    if variant == "secaggplus":  # the threshold: a majority of the neighbourhood (it must exceed k / 2, and be <= k)
+        k = resolve_shares(SecAggConfig(num_shares=SHARES), n) or n
+        overrides.append(f"secagg.threshold={k // 2 + 1}")
     summary = simulate(load(ROOT / "simulations" / "default.toml", overrides))
     run_dir = Path(summary["run_dir"])
     per_stage: dict[str, dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0})
@@ -74,7 +80,7 @@ def table(out: Path) -> str:
     if not done:
         return f"no finished runs in {out}"
     head = " | ".join(f"{s} (kB)" for s in STAGES.values())
-    lines = [f"| clients / round | exchange | shares (k) | {head} | total kB per client | vs FedAvg |",
+    lines = [f"| clients / round | exchange | shares k / threshold t | {head} | total kB per client | vs FedAvg |",
              "|---|---|---|" + "---|" * len(STAGES) + "---|---|"]
     for n in SIZES:
         plain = done.get(f"plain-{n}")
@@ -87,8 +93,8 @@ def table(out: Path) -> str:
             cells = [(_kb(b["down"] + b["up"], c) if (b := r["bytes"].get(t)) else "–") for t in STAGES]
             total = sum(b["down"] + b["up"] for b in r["bytes"].values())
             ratio = f"×{total / plain_total:.2f}" if plain_total else "–"
-            lines.append(f"| {n} | {label} | {r['num_shares'] or '–'} | {' | '.join(cells)} | {_kb(total, c)} | "
-                         f"{ratio} |")
+            shares = f"{r['num_shares']} / {r['threshold']}" if r["num_shares"] else "–"
+            lines.append(f"| {n} | {label} | {shares} | {' | '.join(cells)} | {_kb(total, c)} | {ratio} |")
     return "\n".join(lines)
 
 
