@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from runlist import ROOT, bench_config, comparison_parser, run_selected  # benchmarks/ is the script's own folder
+from runlist import ROOT, bench_config, stored_main  # benchmarks/ is the script's own folder
 
 CLIENTS_PER_ROUND = 7
 AGGREGATORS = {  # key: (label, method overlay)
@@ -82,18 +82,9 @@ def table(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected runs one after another (finished ones are kept), then print the table."""
-    ap = comparison_parser(__doc__, RUNS, ROOT / "runs" / "robustness")
-    args = ap.parse_args(argv)
-
-    def one(key: str) -> str:
-        if (args.out / f"{key}.json").is_file():
-            return f"{key}: finished earlier"
-        r = run(key, args.out, args.extra)
-        return f"{key}: final accuracy {r['accuracy'][-1]:.3f} ({r['wall_s']:.0f} s)"
-
-    run_selected(ap, args, RUNS, one)
-    print(table(args.out))
-    return 0
+    return stored_main(__doc__, RUNS, ROOT / "runs" / "robustness", run,
+                       lambda key, r: f"{key}: final accuracy {r['accuracy'][-1]:.3f} ({r['wall_s']:.0f} s)",
+                       table, argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,22 @@ def run_selected(ap: argparse.ArgumentParser, args: argparse.Namespace, known: M
         print(run_one(key), flush=True)
 
 
+def stored_main(doc: str, known: Mapping[str, object], out: Path, run: Callable[[str, Path, list[str]], dict],
+                line: Callable[[str, dict], str], table: Callable[[Path], str], argv: list[str] | None = None) -> int:
+    """A benchmark that stores each run as <out>/<key>.json: run the selected ones not finished yet, print the table."""
+    ap = comparison_parser(doc, known, out)
+    args = ap.parse_args(argv)
+
+    def one(key: str) -> str:
+        if (args.out / f"{key}.json").is_file():
+            return f"{key}: finished earlier"
+        return line(key, run(key, args.out, args.extra))
+
+    run_selected(ap, args, known, one)
+    print(table(args.out))
+    return 0
+
+
 # ----- runs on the method benchmark (simulations/bench.toml) ------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "simulations" / "bench.toml"

@@ -23,7 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from runlist import ROOT, comparison_parser, run_selected  # benchmarks/ is the script's own folder
+from runlist import ROOT, stored_main  # benchmarks/ is the script's own folder
 
 SIZES = (5, 10, 20, 50)
 VARIANTS = {  # key: (label, overrides)
@@ -98,20 +98,13 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _line(key: str, r: dict) -> str:
+    return f"{key}: {sum(b['down'] + b['up'] for b in r['bytes'].values()) / r['clients']:,.0f} B per client"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected runs one after another (finished ones are kept), then print the table."""
-    ap = comparison_parser(__doc__, RUNS, ROOT / "runs" / "secagg-cost")
-    args = ap.parse_args(argv)
-
-    def one(key: str) -> str:
-        if (args.out / f"{key}.json").is_file():
-            return f"{key}: finished earlier"
-        r = run(key, args.out, args.extra)
-        return f"{key}: {sum(b['down'] + b['up'] for b in r['bytes'].values()) / r['clients']:,.0f} B per client"
-
-    run_selected(ap, args, RUNS, one)
-    print(table(args.out))
-    return 0
+    return stored_main(__doc__, RUNS, ROOT / "runs" / "secagg-cost", run, _line, table, argv)
 
 
 if __name__ == "__main__":
