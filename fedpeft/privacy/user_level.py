@@ -187,12 +187,7 @@ class UserLevelDP:
 
     def aggregate(self, strategy, server_round: int, valid: list[Message]) -> tuple[ArrayRecord | None, None]:
         """Clip each valid reply's update, sum, add N(0, σ²C²), divide by the expected count (before the server step)."""
-        # The mechanism runs (and is accounted) every round clients were sampled, whatever arrives.
-        if strategy.sent:
-            self.releases += 1
-        else:
-            strategy.failure = (f"Poisson client sampling (q = {self.plan.sample_rate:.4g}) drew no client "
-                                "this round")
+        self._account(strategy)
         reference = strategy.global_arrays
         if not valid or reference is None:
             self.last_round = {}
@@ -227,14 +222,18 @@ class UserLevelDP:
         # A server optimizer acts on the noised mean: post-processing, so ε is unchanged.
         return ArrayRecord(new), None
 
-    def secure_mean(self, strategy, server_round: int, mean: dict[str, np.ndarray] | None,
-                    count: int) -> dict[str, np.ndarray] | None:
-        """Distributed DP: the secure mean of `count` noised, clipped updates (weight 1 each) over the fixed denominator."""
-        if strategy.sent:  # accounted every round clients were sampled, as for the central mechanism
+    def _account(self, strategy) -> None:
+        """Count a release: the mechanism runs every round clients were sampled, whatever arrives."""
+        if strategy.sent:
             self.releases += 1
         else:
             strategy.failure = (f"Poisson client sampling (q = {self.plan.sample_rate:.4g}) drew no client "
                                 "this round")
+
+    def secure_mean(self, strategy, server_round: int, mean: dict[str, np.ndarray] | None,
+                    count: int) -> dict[str, np.ndarray] | None:
+        """Distributed DP: the secure mean of `count` noised, clipped updates (weight 1 each) over the fixed denominator."""
+        self._account(strategy)
         if mean is None:
             self.last_round = {}
             return None
