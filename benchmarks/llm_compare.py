@@ -33,6 +33,8 @@ from pathlib import Path
 
 from runlist import comparison_parser, run_selected  # benchmarks/ is the script's own folder
 
+from fedpeft.ledger import KIB, MIB, format_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {  # key: (label, recipe, overrides)
     "fedavg": ("FedAvg, LoRA r=8", "llm-default.toml", []),
@@ -162,7 +164,7 @@ def run(key: str, out: Path, extra: list[str]) -> dict:
 
 
 def _size(b: float) -> str:
-    return f"{b / 1e6:,.2f} MB" if b >= 1e6 else f"{b / 1e3:,.1f} KB"
+    return format_bytes(b, 2) if b >= MIB else f"{b / KIB:,.1f} KiB"
 
 
 def _pair(series: list) -> str:

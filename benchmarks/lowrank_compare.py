@@ -1,4 +1,4 @@
-"""Low-rank methods at one byte budget on the default task, non-IID Dirichlet(0.3): accuracy and total MB.
+"""Low-rank methods at one byte budget on the default task, non-IID Dirichlet(0.3): accuracy and total MiB.
 
 Every method is sized to send about what LoRA r=8 sends per client per round (the budget):
 LoRA and exact LoRA at r=8, LoHa r=4 (same parameter count), pFedPara LoHa r=8 (one pair of
@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 from runlist import comparison_parser, run_selected  # benchmarks/ is the script's own folder
+
+from fedpeft.ledger import MIB, format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "simulations"
@@ -66,12 +68,12 @@ def table(out: Path) -> str:
     results = [json.loads((out / f"{k}.json").read_text()) for k in METHODS if (out / f"{k}.json").is_file()]
     if not results:
         return f"no finished runs in {out}"
-    lines = ["| method | final accuracy (best) | personalized | total MB | MB per round | rounds |",
+    lines = ["| method | final accuracy (best) | personalized | total MiB | MiB per round | rounds |",
              "|---|---|---|---|---|---|"]
     for r in results:
         personal = f"{r['final_personal_accuracy']:.3f}" if "final_personal_accuracy" in r else "—"
         lines.append(f"| {r['label']} | {r['final_accuracy']:.3f} ({r['best_accuracy']:.3f}) | {personal} | "
-                     f"{r['bytes_total'] / 1e6:.1f} | {r['bytes_total'] / 1e6 / r['rounds']:.2f} | {r['rounds']} |")
+                     f"{r['bytes_total'] / MIB:.1f} | {r['bytes_total'] / MIB / r['rounds']:.2f} | {r['rounds']} |")
     return "\n".join(lines)
 
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(key: str) -> str:
         r = run_method(key, args.rounds, args.alpha, args.out, args.extra)
-        return f"{key}: accuracy {r['final_accuracy']:.3f}, {r['bytes_total'] / 1e6:.1f} MB, {r['wall_s']:.0f} s"
+        return f"{key}: accuracy {r['final_accuracy']:.3f}, {format_bytes(r['bytes_total'], 1)}, {r['wall_s']:.0f} s"
 
     run_selected(ap, args, METHODS, one)
     print(table(args.out))

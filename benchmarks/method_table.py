@@ -26,6 +26,8 @@ from pathlib import Path
 
 from runlist import ROOT, bench_config, comparison_parser, merged  # benchmarks/ is the script's own folder
 
+from fedpeft.ledger import KIB
+
 # Other option values tried on the benchmark (each a [method] or [train] overlay), besides the shipped recipe's.
 SWEEPS: dict[str, list[dict]] = {
     "fedadam": [{"method": {"eta": e}} for e in (0.001, 0.003)],  # shipped: 0.01
@@ -125,7 +127,7 @@ def table(out: Path) -> str:
     base = done["fedavg"][0] if "fedavg" in done else None
     target = 0.9 * base["accuracy"][-1] if base else None
     lines = [("| method | options: chosen (final accuracy of each value tried) | final accuracy | best | "
-              "vs FedAvg (points, final) | rounds to 90 % of FedAvg's final | KB per client per round (down + up) |"),
+              "vs FedAvg (points, final) | rounds to 90 % of FedAvg's final | KiB per client per round (down + up) |"),
              "|---|---|---|---|---|---|---|"]
     for key, runs in done.items():
         r = max(runs, key=lambda x: x["accuracy"][-1])
@@ -140,7 +142,7 @@ def table(out: Path) -> str:
         per = max(r["client_rounds"], 1)
         lines.append(f"| `{key}` | {opts} | {final} | {max(acc):.3f} | {gap} | "
                      f"{rounds_to(acc, target) if target else '–'} | "
-                     f"{r['bytes_down'] / per / 1e3:.1f} + {r['bytes_up'] / per / 1e3:.1f} |")
+                     f"{r['bytes_down'] / per / KIB:.1f} + {r['bytes_up'] / per / KIB:.1f} |")
     return "\n".join(lines + unfit)
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from runlist import comparison_parser, run_selected  # benchmarks/ is the script's own folder
 
+from fedpeft.ledger import MIB, format_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # key: (label, recipe)
     "fedavg": ("FedAvg", "default.toml"),
@@ -59,13 +61,13 @@ def table(out: Path) -> str:
         return f"no finished runs in {out}"
     shown = [r for r in SHOWN_ROUNDS if r < len(done[0]["accuracy"])]
     head = " / ".join(str(r) for r in shown)
-    lines = [f"| method | accuracy at round {head} | best | MB down + up | bytes per client per round | wall |",
+    lines = [f"| method | accuracy at round {head} | best | MiB down + up | bytes per client per round | wall |",
              "|---|---|---|---|---|---|"]
     for r in done:
         acc = " / ".join(f"{r['accuracy'][i]:.3f}" for i in shown)
         per = r["bytes_total"] / max(r["participations"], 1)
-        lines.append(f"| {r['label']} | {acc} | {max(r['accuracy']):.3f} | {r['bytes_down'] / 1e6:.1f} + "
-                     f"{r['bytes_up'] / 1e6:.1f} | {per:,.0f} B | {r['wall_s']:.0f} s |")
+        lines.append(f"| {r['label']} | {acc} | {max(r['accuracy']):.3f} | {r['bytes_down'] / MIB:.1f} + "
+                     f"{r['bytes_up'] / MIB:.1f} | {per:,.0f} B | {r['wall_s']:.0f} s |")
     return "\n".join(lines)
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(key: str) -> str:
         r = run(key, args.rounds, args.alpha, args.out, args.extra)
-        return f"{key}: final accuracy {r['accuracy'][-1]:.3f}, {r['bytes_total'] / 1e6:.1f} MB, {r['wall_s']:.0f} s"
+        return f"{key}: final accuracy {r['accuracy'][-1]:.3f}, {format_bytes(r['bytes_total'], 1)}, {r['wall_s']:.0f} s"
 
     run_selected(ap, args, METHODS, one)
     print(table(args.out))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from runlist import ROOT, stored_main  # benchmarks/ is the script's own folder
 
+from fedpeft.ledger import KIB
+
 SIZES = (5, 10, 20, 50)
 VARIANTS = {  # key: (label, overrides)
     "plain": ("FedAvg", []),
@@ -70,17 +72,17 @@ def run(key: str, out: Path, extra: list[str]) -> dict:
     return result
 
 
-def _kb(total: int, clients: int) -> str:
-    return f"{total / clients / 1000:,.1f}"
+def _kib(total: int, clients: int) -> str:
+    return f"{total / clients / KIB:,.1f}"
 
 
 def table(out: Path) -> str:
-    """Markdown table: kB per client per stage (down + up), the total, and the overhead against plain FedAvg."""
+    """Markdown table: KiB per client per stage (down + up), the total, and the overhead against plain FedAvg."""
     done = {k: json.loads((out / f"{k}.json").read_text()) for k in RUNS if (out / f"{k}.json").is_file()}
     if not done:
         return f"no finished runs in {out}"
-    head = " | ".join(f"{s} (kB)" for s in STAGES.values())
-    lines = [f"| clients / round | exchange | shares k / threshold t | {head} | total kB per client | vs FedAvg |",
+    head = " | ".join(f"{s} (KiB)" for s in STAGES.values())
+    lines = [f"| clients / round | exchange | shares k / threshold t | {head} | total KiB per client | vs FedAvg |",
              "|---|---|---|" + "---|" * len(STAGES) + "---|---|"]
     for n in SIZES:
         plain = done.get(f"plain-{n}")
@@ -90,11 +92,11 @@ def table(out: Path) -> str:
             if r is None:
                 continue
             c = r["clients"]
-            cells = [(_kb(b["down"] + b["up"], c) if (b := r["bytes"].get(t)) else "–") for t in STAGES]
+            cells = [(_kib(b["down"] + b["up"], c) if (b := r["bytes"].get(t)) else "–") for t in STAGES]
             total = sum(b["down"] + b["up"] for b in r["bytes"].values())
             ratio = f"×{total / plain_total:.2f}" if plain_total else "–"
             shares = f"{r['num_shares']} / {r['threshold']}" if r["num_shares"] else "–"
-            lines.append(f"| {n} | {label} | {shares} | {' | '.join(cells)} | {_kb(total, c)} | {ratio} |")
+            lines.append(f"| {n} | {label} | {shares} | {' | '.join(cells)} | {_kib(total, c)} | {ratio} |")
     return "\n".join(lines)
 
 

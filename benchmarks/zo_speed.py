@@ -43,6 +43,7 @@ from fedpeft.causal_lm import batch_loss  # noqa: E402
 from fedpeft.data.builtin import generate  # noqa: E402
 from fedpeft.data.prepared import collate, tokenize, train_batches  # noqa: E402
 from fedpeft.data.prompts import encode_example, render_prompt  # noqa: E402
+from fedpeft.ledger import MIB  # noqa: E402
 from fedpeft.models import build_model, load_tokenizer  # noqa: E402
 from fedpeft.precision import compute  # noqa: E402
 from fedpeft.app.recipe import validate  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
     params = tuned_parameters(model, args.scope)
     n = sum(p.numel() for p in params)
     tokens = int(batch["attention_mask"].sum())
-    print(f"model {args.model}: {n:,} weights in scope '{args.scope}' ({4 * n / 1e6:.0f} MB fp32), "
+    print(f"model {args.model}: {n:,} weights in scope '{args.scope}' ({4 * n / MIB:.0f} MiB fp32), "
           f"batch {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} ({tokens} tokens), "
           f"direction {args.direction}, precision {cfg.train.precision}")
     print(f"torch threads {torch.get_num_threads()} (directions generated on as many threads, "
@@ -188,7 +189,7 @@ def main() -> None:
               f"{best_cpu[key] / (2 * fwd_cpu):7.2f}x")
     gen_ms, add_ms = best_cpu["generate z once"], best_cpu["one add pass"]
     print(f"per weight (CPU): generate z {gen_ms * 1e6 / n:.2f} ns, one add pass {add_ms * 1e6 / n:.2f} ns "
-          f"({12 * n / add_ms / 1e6:.1f} GB/s read+read+write)")
+          f"({12 * n / add_ms * 1e3 / (1024 * MIB):.1f} GiB/s read+read+write)")
 
     def ratio(key: str) -> str:
         # Also the median of each repetition's own ratio: robust to load that drifts between repetitions.

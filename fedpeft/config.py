@@ -157,18 +157,19 @@ class SimConfig(_Section):
     cpus_per_client: float = Field(1.0, gt=0.0)
     gpus_per_client: float = Field(0.0, ge=0.0)
     eval_batch_size: int = Field(128, gt=0)
-    object_store_mb: int = Field(256, ge=64)
+    object_store_mib: int = Field(256, ge=64, description="Ray's object store for a local Ray, in MiB")
     round_timeout_s: float = Field(3600.0, gt=0.0)
     ray_address: str = Field("", description="attach to this running Ray cluster (host:port) instead of starting Ray")
-    comm_budget_mb: float = Field(0.0, ge=0.0, description="stop before a round that would exceed this; 0 = none")
+    comm_budget_mib: float = Field(0.0, ge=0.0, description="stop before a round that would exceed this many MiB; "
+                                   "0 = none")
     client_retries: int = Field(
         0, ge=0, description="re-run a client whose Ray worker died up to this many times on a fresh worker"
     )
     min_replies: float = Field(1.0, gt=0.0, description="valid replies a round needs: a count (>= 1) or a fraction "
                                "(< 1) of the sampled clients; fewer = a failed round, global model unchanged")
     max_failed_rounds: int = Field(0, ge=0, description="stop the run after this many failed rounds; 0 = never")
-    max_reply_mb: float = Field(0.0, ge=0.0, description="reject larger replies; 0 = 4x the round's largest "
-                                "download + 1 MiB")
+    max_reply_mib: float = Field(0.0, ge=0.0, description="reject replies larger than this many MiB; 0 = 4x the "
+                                 "round's largest download + 1 MiB")
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "SimConfig":
@@ -401,11 +402,21 @@ class Config(_Section):
         return schema_validate(json.loads(text))
 
 
+# Keys renamed when byte figures became binary units: an old recipe gets the new name, not a bare "unknown key".
+RENAMED = {
+    "sim.comm_budget_mb": "sim.comm_budget_mib",
+    "sim.max_reply_mb": "sim.max_reply_mib",
+    "sim.object_store_mb": "sim.object_store_mib",
+}
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and key in RENAMED:
+            lines.append(f"{key} was renamed {RENAMED[key]} (MiB = 2^20 bytes)")
+        elif e["type"] == "extra_forbidden":
             section = _section_for(e["loc"][:-1])
             allowed = ", ".join(sorted(section.model_fields)) if section else "?"
             lines.append(f"unknown key '{key}' (allowed here: {allowed})")

@@ -23,8 +23,14 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 from fedpeft.reply_screen import reply_limit, screen
 
 ENVELOPE = "_envelope"
-MB = 1024 * 1024  # the unit every byte figure is shown in (`fedpeft simulate`, reports, the budget)
+KIB = 1 << 10  # binary units throughout: KiB = 1,024 B
+MIB = 1 << 20  # the unit every byte figure is shown in (`fedpeft simulate`, reports, the budget)
 COLUMNS = ["round", "client_id", "node_id", "direction", "message_type", "record", "bytes"]
+
+
+def format_bytes(n: float, decimals: int = 3) -> str:
+    """A byte count in MiB with its unit, e.g. "35.063 MiB"."""
+    return f"{n / MIB:,.{decimals}f} MiB"
 
 
 def message_bytes(msg: Message) -> int:
@@ -198,12 +204,12 @@ class LedgerGrid:
     """
 
     def __init__(self, grid, ledger: CommLedger, stop: threading.Event | None = None, poll_s: float = 0.05,
-                 max_reply_mb: float = 0.0) -> None:
+                 max_reply_mib: float = 0.0) -> None:
         self._grid = grid
         self.ledger = ledger
         self.stop = stop or threading.Event()
         self.poll_s = poll_s
-        self.max_reply_mb = max_reply_mb
+        self.max_reply_mib = max_reply_mib
         self.refused: list = []  # replies screened out as messages (fedpeft.reply_screen.Screened)
         self.timed_out: list[int] = []  # nodes whose reply had not come when the round timed out
 
@@ -242,7 +248,7 @@ class LedgerGrid:
         replies.sort(key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
         # The SuperLink's own error replies (a node it finds unavailable) never crossed a SuperNode's link.
         charged = [0 if r.metadata.src_node_id == SUPERLINK_NODE_ID else self.ledger.charge(r, "up") for r in replies]
-        ok, self.refused = screen(sent, replies, charged, reply_limit(self.max_reply_mb, largest))
+        ok, self.refused = screen(sent, replies, charged, reply_limit(self.max_reply_mib, largest))
         return ok
 
     def __getattr__(self, name: str):

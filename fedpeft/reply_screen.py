@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 
-MIB = 1 << 20  # fedpeft.ledger.MB (the ledger imports this module)
+MIB = 1 << 20  # fedpeft.ledger.MIB (the ledger imports this module)
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,9 @@ class Screened:
     reason: str
 
 
-def reply_limit(max_reply_mb: float, largest_download: int) -> int:
-    """The largest reply accepted: `max_reply_mb` MB, or by default 4x the largest download + 1 MiB."""
-    return int(max_reply_mb * MIB) if max_reply_mb > 0 else 4 * largest_download + MIB
+def reply_limit(max_reply_mib: float, largest_download: int) -> int:
+    """The largest reply accepted: `max_reply_mib` MiB, or by default 4x the largest download + 1 MiB."""
+    return int(max_reply_mib * MIB) if max_reply_mib > 0 else 4 * largest_download + MIB
 
 
 def screen(sent: dict[str, Message], replies: list[Message], sizes: list[int], limit: int) -> tuple[list[Message], list[Screened]]:
@@ -56,7 +56,7 @@ def screen(sent: dict[str, Message], replies: list[Message], sizes: list[int], l
         elif original.metadata.group_id and md.group_id != original.metadata.group_id:
             reason = f"reply for round {md.group_id!r}, the message was for round {original.metadata.group_id!r}"
         elif size > limit:
-            reason = f"oversized: {size:,} B, the limit is {limit:,} B (sim.max_reply_mb)"
+            reason = f"oversized: {size:,} B, the limit is {limit:,} B (sim.max_reply_mib)"
         if reason is None:
             answered.add(md.reply_to_message_id)
             ok.append(reply)

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedpeft.round_outcome import describe_stop
-from fedpeft.ledger import MB
+from fedpeft.ledger import format_bytes
 from fedpeft.scores import ACCURACY, metric_label, metric_short, primary_metric
 
 NO_VALUE = "–"  # a metric not measured yet (causal-LM runs score only their generation rounds)
@@ -50,7 +50,7 @@ class ProgressLine:
         if self.metric in row:
             self.score = row[self.metric]
         status = (f"{metric_short(self.metric)} {_num(self.score)}  loss {_num(row.get('loss'))}  "
-                  f"sent {self.sent_bytes / MB:.2f} MB")
+                  f"sent {format_bytes(self.sent_bytes, 2)}")
         failed, rejected = round_failures(row)
         self.bad += failed + rejected
         if self.bad:  # once a reply has failed or been rejected, every round shows its count
@@ -76,9 +76,9 @@ def summary_table(s: dict[str, Any]) -> Table:
     for key, label, fmt in SUMMARY_EXTRAS:
         if isinstance(s.get(key), (int, float)):
             table.add_row(label, fmt.format(s[key]))
-    table.add_row("bytes down / up", f"{s['bytes_down'] / MB:.3f} MB / {s['bytes_up'] / MB:.3f} MB")
+    table.add_row("bytes down / up", f"{format_bytes(s['bytes_down'])} / {format_bytes(s['bytes_up'])}")
     table.add_row("client participations", str(s["participations"]))
-    table.add_row("full-model FedAvg would send", f"{s['full_model_fedavg_bytes'] / MB:.1f} MB "
+    table.add_row("full-model FedAvg would send", f"{format_bytes(s['full_model_fedavg_bytes'], 1)} "
                   f"({s['full_model_fedavg_bytes'] / max(s['bytes_total'], 1):.0f}x more)")
     table.add_row("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}")
     table.add_row("rejected replies", rejections_text(s))
@@ -123,7 +123,7 @@ def result_line(s: dict[str, Any]) -> str:
     rejected = f", {s['rejected']} replies rejected" if s.get("rejected") else ""
     stopped = f"; {describe_stop(s['stopped'])}" if s.get("stopped") else ""
     return (f"  → {s['run_dir']}: final {metric_label(m)} {s[f'final_{m}']:.4f}, "
-            f"{s['bytes_total'] / MB:.3f} MB{rejected}{stopped}")
+            f"{format_bytes(s['bytes_total'])}{rejected}{stopped}")
 
 
 def privacy_header(cfg) -> str:

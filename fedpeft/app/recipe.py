@@ -105,8 +105,8 @@ def check_secagg(cfg: Config, spec: MethodSpec) -> None:
     if cfg.faults.malformed:
         refused.append("faults.malformed (its kinds rewrite dense adapter tensors or reply metrics, and a masked "
                        "upload carries neither)")
-    if cfg.sim.comm_budget_mb:
-        refused.append("sim.comm_budget_mb (the budget predicts a round from its train messages, not yet from "
+    if cfg.sim.comm_budget_mib:
+        refused.append("sim.comm_budget_mib (the budget predicts a round from its train messages, not yet from "
                        "the SecAgg stages)")
     if refused:
         raise ConfigError("secagg.enabled = true cannot be combined with " + "; ".join(refused))

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedpeft.report.tables import MB, RunStats, metric_labels, shared_metric, sort_runs
+from fedpeft.report.tables import MIB, RunStats, metric_labels, shared_metric, sort_runs
 
 DOWN_COLOR, UP_COLOR = "#4C72B0", "#DD8452"
 DPI = 110
@@ -80,16 +80,16 @@ def progress_vs_round(s: RunStats) -> bytes:
 
 
 def progress_vs_bytes(s: RunStats) -> bytes:
-    """The primary metric and loss against cumulative MB sent (down + up)."""
+    """The primary metric and loss against cumulative MiB sent (down + up)."""
     fig, (score, loss) = _figure(ncols=2)
-    ylabel = _score_axis(score, s, lambda r: r.cum_bytes / MB)
-    score.axvline(s.bytes_to_target / MB, color="grey", ls=":", lw=1,
-                  label=f"reached at {s.bytes_to_target / MB:.3f} MB")
-    score.set(xlabel="cumulative MB (down + up)", ylabel=ylabel,
+    ylabel = _score_axis(score, s, lambda r: r.cum_bytes / MIB)
+    score.axvline(s.bytes_to_target / MIB, color="grey", ls=":", lw=1,
+                  label=f"reached at {s.bytes_to_target / MIB:.3f} MiB")
+    score.set(xlabel="cumulative MiB (down + up)", ylabel=ylabel,
               title=f"{_capital(s.metric_label)} vs bytes")
     score.legend(loc="best", fontsize=8)
-    loss.plot([r.cum_bytes / MB for r in s.rounds], [r.loss for r in s.rounds], marker="o", color="C3")
-    loss.set(xlabel="cumulative MB (down + up)", ylabel="test loss", title="Loss vs bytes")
+    loss.plot([r.cum_bytes / MIB for r in s.rounds], [r.loss for r in s.rounds], marker="o", color="C3")
+    loss.set(xlabel="cumulative MiB (down + up)", ylabel="test loss", title="Loss vs bytes")
     return _png(fig)
 
 
@@ -98,11 +98,11 @@ def bytes_per_round(s: RunStats) -> bytes:
     fig, (ax,) = _figure()
     rounds = [r for r in s.rounds if r.bytes_down or r.bytes_up] or s.rounds
     x = [r.round for r in rounds]
-    down = [r.bytes_down / MB for r in rounds]
-    up = [r.bytes_up / MB for r in rounds]
+    down = [r.bytes_down / MIB for r in rounds]
+    up = [r.bytes_up / MIB for r in rounds]
     ax.bar(x, down, color=DOWN_COLOR, label="download (server → clients)")
     ax.bar(x, up, bottom=down, color=UP_COLOR, label="upload (clients → server)")
-    ax.set(xlabel="round", ylabel="MB", title="Bytes per round")
+    ax.set(xlabel="round", ylabel="MiB", title="Bytes per round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     _legend_above_bars(ax, [d + u for d, u in zip(down, up)])
     return _png(fig)
@@ -119,19 +119,19 @@ def bytes_per_client(s: RunStats, num_clients: int | None = None) -> bytes:
     """Total download and upload bytes of each client over the run, stacked."""
     fig, (ax,) = _figure()
     ids = [c.client_id for c in s.clients]
-    down = [c.bytes_down / MB for c in s.clients]
-    up = [c.bytes_up / MB for c in s.clients]
+    down = [c.bytes_down / MIB for c in s.clients]
+    up = [c.bytes_up / MIB for c in s.clients]
     # Positions, not ids, on the x axis: ids can be sparse and a bar per position stays readable.
     pos = list(range(len(ids)))
     ax.bar(pos, down, color=DOWN_COLOR, label="download")
     ax.bar(pos, up, bottom=down, color=UP_COLOR, label="upload")
     if s.clients:
-        mean = sum(c.bytes_total for c in s.clients) / len(s.clients) / MB
-        ax.axhline(mean, color="black", ls="--", lw=1, label=f"mean {mean:.3f} MB")
+        mean = sum(c.bytes_total for c in s.clients) / len(s.clients) / MIB
+        ax.axhline(mean, color="black", ls="--", lw=1, label=f"mean {mean:.3f} MiB")
     step = max(1, math.ceil(len(ids) / 25))
     ax.set_xticks(pos[::step], [str(i) for i in ids[::step]])
     took_part = f"{len(ids)} of {num_clients} clients" if num_clients else f"{len(ids)} clients"
-    ax.set(xlabel="client id", ylabel="MB", title=f"Bytes per client ({took_part} took part)")
+    ax.set(xlabel="client id", ylabel="MiB", title=f"Bytes per client ({took_part} took part)")
     _legend_above_bars(ax, [d + u for d, u in zip(down, up)])
     return _png(fig)
 
@@ -150,7 +150,7 @@ def epsilon_per_round(s: RunStats) -> bytes:
 
 
 def comparison(stats: list[RunStats]) -> Plot:
-    """Each run's primary metric against cumulative MB, every run in one plot."""
+    """Each run's primary metric against cumulative MiB, every run in one plot."""
     fig, (ax,) = _figure(width=9.0, height=4.2)
     totals = [s.bytes_total for s in stats if s.bytes_total > 0]
     # Runs that differ by orders of magnitude in bytes only fit on a log axis; a log axis
@@ -158,7 +158,7 @@ def comparison(stats: list[RunStats]) -> Plot:
     log_x = len(totals) > 1 and max(totals) / min(totals) > 20
     mixed = shared_metric(stats) is None
     for i, s in enumerate(sort_runs(stats)):
-        pts = [(r.cum_bytes / MB, r.score) for r in s.scored_rounds if not log_x or r.cum_bytes > 0]
+        pts = [(r.cum_bytes / MIB, r.score) for r in s.scored_rounds if not log_x or r.cum_bytes > 0]
         if pts:
             # Runs scored by different metrics share the y axis, so each legend entry names its own.
             scored_by = f" ({s.metric_label})" if mixed else ""
@@ -167,7 +167,7 @@ def comparison(stats: list[RunStats]) -> Plot:
     if log_x:
         ax.set_xscale("log")
     labels = metric_labels(stats)
-    ax.set(xlabel="cumulative MB (down + up)" + (", log scale" if log_x else ""), ylabel=f"test {labels}",
+    ax.set(xlabel="cumulative MiB (down + up)" + (", log scale" if log_x else ""), ylabel=f"test {labels}",
            title=f"{_capital(labels)} vs bytes, every run")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
     return Plot(f"{_capital(labels)} vs cumulative bytes, every run", _png(fig))

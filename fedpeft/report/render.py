@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fedpeft.ledger import format_bytes
 from fedpeft.report import plots
 from fedpeft.report.plots import Plot
 from fedpeft.report.tables import (
-    CLIENT_COLUMNS, COMPARISON_COLUMNS, DASH, MB, ROUND_COLUMNS, RunStats, client_rows, comparison_rows,
-    fmt_bytes, fmt_mb, fmt_num, metric_labels, round_rows, shared_metric, sort_runs,
+    CLIENT_COLUMNS, COMPARISON_COLUMNS, DASH, ROUND_COLUMNS, RunStats, client_rows, comparison_rows,
+    fmt_bytes, fmt_mib, fmt_num, metric_labels, round_rows, shared_metric, sort_runs,
 )
 from fedpeft.scores import ROUGE_L, metric_label
 
@@ -45,8 +46,8 @@ def display_columns(stats: list[RunStats]) -> list[Column]:
     ]
     cols += [col for col, attr in optional if any(getattr(s, attr) is not None for s in stats)]
     return cols + [
-        ("total MB", "total_mb", lambda v: f"{v:,.3f}"),
-        ("MB to target", "bytes_to_target", fmt_mb),
+        ("total MiB", "total_mib", lambda v: f"{v:,.3f}"),
+        ("MiB to target", "bytes_to_target", fmt_mib),
         ("at round", "target_round", str),
         ("full-model ×", "full_model_ratio", lambda v: DASH if v is None else f"{v:,.0f}×"),
         ("ε", "epsilon", lambda v: fmt_num(v, 2)),
@@ -64,7 +65,7 @@ def definitions(stats: list[RunStats]) -> list[tuple[str, str]]:
     sparse = any(len(s.scored_rounds) < len(s.rounds) for s in stats)
     out = [
         ("bytes", "every figure is summed from the run's ledger, comm.csv (one row per record of every "
-                  "message, as Flower serializes it); MB = 2^20 bytes, as `fedpeft simulate` prints it"),
+                  "message, as Flower serializes it); MiB = 2^20 bytes, as `fedpeft simulate` prints it"),
         ("participations", "upload messages in rounds ≥ 1 of comm.csv (each message has one `_envelope` row; "
                            "QUERY messages are node discovery, and `train.secagg_*` "
                            "messages the other stages of secure aggregation, not training)"),
@@ -318,7 +319,7 @@ def _run_section(s: RunStats, figs: dict[str, Plot], collapsible: bool) -> str:
              + "".join(_img(fig.png, fig.title) for fig in figs.values()) + _html_samples(s))
     if collapsible:
         return (f"<details><summary>{_esc(s.label)} — {_esc(s.method)} / {_esc(s.adapter)}, "
-                f"final {_esc(s.metric_label)} {s.final_score:.4f}, {s.bytes_total / MB:,.3f} MB</summary>"
+                f"final {_esc(s.metric_label)} {s.final_score:.4f}, {format_bytes(s.bytes_total)}</summary>"
                 f"{inner}</details>")
     return f"<section><h2>{_esc(s.label)}</h2>{inner}</section>"
 
@@ -340,7 +341,7 @@ def html_page(stats: list[RunStats], title: str, figures: dict[str, dict[str, Pl
     many = len(stats) > 1
     if many:
         parts.append("<section><h2>Comparison</h2>"
-                     '<p class="muted">Click a column header to sort. "MB to target": cumulative MB through the first '
+                     '<p class="muted">Click a column header to sort. "MiB to target": cumulative MiB through the first '
                      f"round reaching {stats[0].target_fraction:.0%} of that run's final {_esc(metric_labels(stats))}"
                      + ("" if shared_metric(stats) else " (the metric column names each run's)") + ". "
                      '"full-model ×": how many times more bytes full-model FedAvg would move for the same '

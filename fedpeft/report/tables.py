@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedpeft.round_outcome import describe_stop
-from fedpeft.ledger import ENVELOPE, MB
+from fedpeft.ledger import ENVELOPE, MIB, format_bytes
 from fedpeft.report.load import Run
 from fedpeft.report.samples import SamplePair, sample_pairs
 from fedpeft.scores import EXACT_MATCH, metric_label
@@ -274,7 +274,7 @@ def metric_labels(stats: list[RunStats]) -> str:
 # metrics share one CSV schema.
 COMPARISON_COLUMNS = [
     "run", "method", "adapter", "codecs", "metric", "final_score", "best_score", "final_exact_match",
-    "final_perplexity", "final_mc_accuracy", "final_mc_accuracy_norm", "generation_share", "total_mb", "bytes_down", "bytes_up",
+    "final_perplexity", "final_mc_accuracy", "final_mc_accuracy_norm", "generation_share", "total_mib", "bytes_down", "bytes_up",
     "bytes_to_target", "target_round", "full_model_ratio", "epsilon", "wall_s",
 ]
 
@@ -287,7 +287,7 @@ def comparison_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
             "metric": s.primary_metric, "final_score": s.final_score, "best_score": s.best_score,
             "final_exact_match": s.final_exact_match, "final_perplexity": s.final_perplexity,
             "final_mc_accuracy": s.final_mc_accuracy, "final_mc_accuracy_norm": s.final_mc_accuracy_norm,
-            "generation_share": s.generation_share, "total_mb": s.bytes_total / MB,
+            "generation_share": s.generation_share, "total_mib": s.bytes_total / MIB,
             "bytes_down": s.bytes_down, "bytes_up": s.bytes_up,
             "bytes_to_target": s.bytes_to_target, "target_round": s.target_round,
             "full_model_ratio": s.full_model_ratio, "epsilon": s.epsilon, "wall_s": s.wall_s,
@@ -324,13 +324,13 @@ def client_rows(stats: list[RunStats]) -> list[dict[str, Any]]:
 
 
 def fmt_bytes(n: int | None) -> str:
-    """Bytes as MB with 3 decimals and the exact count, or a dash."""
-    return DASH if n is None else f"{n / MB:,.3f} MB ({n:,} B)"
+    """Bytes in MiB with 3 decimals and the exact count, or a dash."""
+    return DASH if n is None else f"{format_bytes(n)} ({n:,} B)"
 
 
-def fmt_mb(n: int | None) -> str:
-    """Bytes as MB with 3 decimals, or a dash."""
-    return DASH if n is None else f"{n / MB:,.3f}"
+def fmt_mib(n: int | None) -> str:
+    """Bytes in MiB with 3 decimals and no unit (a column headed MiB), or a dash."""
+    return DASH if n is None else f"{n / MIB:,.3f}"
 
 
 def fmt_num(v: float | None, digits: int = 4) -> str:

@@ -1,4 +1,4 @@
-"""`sim.comm_budget_mb`: a run stops before the round whose messages would exceed it, keeps what it did and says so."""
+"""`sim.comm_budget_mib`: a run stops before the round whose messages would exceed it, keeps what it did and says so."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import SMOKE, TINY_RUN
 from fedpeft.budget import REASON, check_round, decide, describe_stop, predicted_uploads
-from fedpeft.ledger import MB, CommLedger, dense_message_bytes, message_bytes
+from fedpeft.ledger import MIB, CommLedger, dense_message_bytes, message_bytes
 from fedpeft.rundir import RunDir, describe_status, read_status
 
 # 3 clients, all sampled every round, so each round's messages are the same size in every run.
@@ -36,12 +36,12 @@ def _train_message(arrays: dict[str, torch.Tensor], node: int = 3) -> Message:
 
 # ----- the decision --------------------------------------------------------------------------
 def test_a_round_goes_ahead_up_to_the_exact_budget_and_stops_one_byte_over():
-    budget_mb = 10_000 / MB
-    assert decide(2, budget_mb, spent=4_000, down=3_000, up=3_000) is None  # exactly at the budget
-    stop = decide(2, budget_mb, spent=4_000, down=3_000, up=3_001)
+    budget_mib = 10_000 / MIB
+    assert decide(2, budget_mib, spent=4_000, down=3_000, up=3_000) is None  # exactly at the budget
+    stop = decide(2, budget_mib, spent=4_000, down=3_000, up=3_001)
     assert stop is not None and (stop.before_round, stop.spent_bytes, stop.needed_bytes) == (2, 4_000, 10_001)
-    assert stop.record() == {"reason": REASON, "before_round": 2, "budget_mb": budget_mb, "spent_mb": 4_000 / MB,
-                             "needed_mb": 10_001 / MB}
+    assert stop.record() == {"reason": REASON, "before_round": 2, "budget_mib": budget_mib, "spent_mib": 4_000 / MIB,
+                             "needed_mib": 10_001 / MIB}
     assert stop.event() == {"event": "stopped", **stop.record()}
     assert decide(2, 0.0, spent=10**12, down=10**12, up=10**12) is None  # 0 = no budget
 
@@ -71,23 +71,23 @@ def test_check_round_reads_the_ledger_and_ignores_round_0_discovery_replies():
     down = sum(map(message_bytes, msgs))
     # Round 1: no training reply seen yet, so each reply is predicted as large as its download (all arrays distinct).
     ledger.round = 1
-    assert check_round((spent + 2 * down) / MB, 1, ledger, msgs) is None
-    stop = check_round((spent + 2 * down - 1) / MB, 1, ledger, msgs)
+    assert check_round((spent + 2 * down) / MIB, 1, ledger, msgs) is None
+    stop = check_round((spent + 2 * down - 1) / MIB, 1, ledger, msgs)
     assert stop is not None and (stop.spent_bytes, stop.needed_bytes) == (spent, spent + 2 * down)
     # Round 2: replies are predicted as the largest training reply so far, one per message.
     reply = ledger.charge(_train_message({"w": torch.randn(64, 80)}), "up")
     ledger.round = 2
     spent = sum(ledger.totals().values())
-    assert check_round((spent + down + 2 * reply - 1) / MB, 2, ledger, msgs).needed_bytes == spent + down + 2 * reply
+    assert check_round((spent + down + 2 * reply - 1) / MIB, 2, ledger, msgs).needed_bytes == spent + down + 2 * reply
     assert check_round(0.0, 2, ledger, msgs) is None
 
 
 def test_describe_stop_names_the_round_and_says_when_nothing_was_trained():
-    rec = {"reason": REASON, "before_round": 4, "budget_mb": 1.5, "spent_mb": 1.2, "needed_mb": 1.6}
-    assert describe_stop(rec) == ("stopped at the communication budget before round 4: 1.200 MB sent in rounds 0–3, "
-                                  "round 4 would bring the total to about 1.600 MB, over the budget of 1.500 MB")
-    first = describe_stop({**rec, "before_round": 1, "spent_mb": 0.0})
-    assert "before round 1" in first and "only the initial model (round 0)" in first and "sim.comm_budget_mb" in first
+    rec = {"reason": REASON, "before_round": 4, "budget_mib": 1.5, "spent_mib": 1.2, "needed_mib": 1.6}
+    assert describe_stop(rec) == ("stopped at the communication budget before round 4: 1.200 MiB sent in rounds 0–3, "
+                                  "round 4 would bring the total to about 1.600 MiB, over the budget of 1.500 MiB")
+    first = describe_stop({**rec, "before_round": 1, "spent_mib": 0.0})
+    assert "before round 1" in first and "only the initial model (round 0)" in first and "sim.comm_budget_mib" in first
 
 
 # ----- real runs -----------------------------------------------------------------------------
@@ -141,14 +141,14 @@ def test_a_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path, 
     assert need3 - need2 > 10_000
     budget = (need2 + need3) / 2
     output, run_dir = _simulate(tmp_path / "runs", "sim.rounds=4", "output.checkpoint_every=1",
-                                f"sim.comm_budget_mb={budget / MB!r}")
+                                f"sim.comm_budget_mib={budget / MIB!r}")
     assert "stopped at the communication budget before round 3" in output
 
     summary = json.loads((run_dir / "summary.json").read_text())
     stop = summary["stopped"]
     assert (stop["reason"], stop["before_round"], summary["rounds_completed"], summary["rounds"]) == (REASON, 3, 2, 4)
-    assert summary["bytes_total"] <= budget and stop["spent_mb"] * MB == pytest.approx(summary["bytes_total"])
-    assert stop["needed_mb"] > stop["budget_mb"] == pytest.approx(budget / MB)
+    assert summary["bytes_total"] <= budget and stop["spent_mib"] * MIB == pytest.approx(summary["bytes_total"])
+    assert stop["needed_mib"] > stop["budget_mib"] == pytest.approx(budget / MIB)
 
     rundir = RunDir(run_dir)
     assert [r["round"] for r in rundir.metrics()] == [0, 1, 2]
@@ -194,7 +194,7 @@ def test_a_budget_below_round_1_stops_before_it_and_still_exports(tmp_path, caps
     from fedpeft.app.runconfig import CONFIG_KEY, RUN_DIR_KEY, TASK_KEY
     from fedpeft.app.server import run_server
 
-    cfg = load(SMOKE, [*TINY, "sim.rounds=2", "sim.comm_budget_mb=0.001", f'output.dir="{tmp_path}"'])
+    cfg = load(SMOKE, [*TINY, "sim.rounds=2", "sim.comm_budget_mib=0.001", f'output.dir="{tmp_path}"'])
     rundir = RunDir.create(cfg)
     prepare(cfg, rundir.task_dir)
     rc = {CONFIG_KEY: cfg.to_json(), TASK_KEY: str(rundir.task_dir), RUN_DIR_KEY: str(rundir.path)}
@@ -203,7 +203,7 @@ def test_a_budget_below_round_1_stops_before_it_and_still_exports(tmp_path, caps
     summary = run_server(_NoSendGrid(list(nodes)), ctx, NodeDirectory(nodes))
 
     assert summary["stopped"]["before_round"] == 1 and summary["rounds_completed"] == 0
-    assert summary["stopped"]["needed_mb"] > summary["stopped"]["budget_mb"] == 0.001
+    assert summary["stopped"]["needed_mib"] > summary["stopped"]["budget_mib"] == 0.001
     assert summary["bytes_total"] == 0 and summary["final_accuracy"] == summary["initial_accuracy"]
     assert [r["round"] for r in rundir.metrics()] == [0] and rundir.events()[0]["before_round"] == 1
     assert (rundir.adapter_dir / "adapter_config.json").is_file()

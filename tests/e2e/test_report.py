@@ -69,7 +69,7 @@ def test_real_runs_numbers_equal_ledger_sums(real_runs, tmp_path):
         sums = ledger_sums(run_dir)
         row = by_run[run_dir.name]
         assert int(row["bytes_down"]) == sums["down"] and int(row["bytes_up"]) == sums["up"]
-        assert float(row["total_mb"]) == pytest.approx((sums["down"] + sums["up"]) / 2**20)
+        assert float(row["total_mib"]) == pytest.approx((sums["down"] + sums["up"]) / 2**20)
         target_round, target_bytes = bytes_to_target(run_dir, 0.8)
         assert (int(row["target_round"]), int(row["bytes_to_target"])) == (target_round, target_bytes)
         summary = json.loads((run_dir / "summary.json").read_text())

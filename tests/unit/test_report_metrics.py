@@ -183,12 +183,12 @@ def _text(table) -> str:
 def test_progress_line_shows_the_last_rouge_l():
     line = ProgressLine("rouge_l")
     mb = {"bytes_down": 2**20, "bytes_up": 2**20}
-    assert line.update({"round": 1, "loss": 1.5, **mb}) == "rouge-L –  loss 1.500  sent 2.00 MB"
-    assert line.update({"round": 2, "loss": 1.234, "rouge_l": 0.412, **mb}) == "rouge-L 0.412  loss 1.234  sent 4.00 MB"
+    assert line.update({"round": 1, "loss": 1.5, **mb}) == "rouge-L –  loss 1.500  sent 2.00 MiB"
+    assert line.update({"round": 2, "loss": 1.234, "rouge_l": 0.412, **mb}) == "rouge-L 0.412  loss 1.234  sent 4.00 MiB"
     assert line.update({"round": 3, "loss": 1.2, **mb}).startswith("rouge-L 0.412  loss 1.200")
     classify = ProgressLine()
     row = {"round": 1, "accuracy": 0.512, "loss": 1.234, **mb}
-    assert classify.update(row) == "acc 0.512  loss 1.234  sent 2.00 MB"
+    assert classify.update(row) == "acc 0.512  loss 1.234  sent 2.00 MiB"
 
 
 def test_closing_table_and_result_line_follow_the_primary_metric():
@@ -200,8 +200,8 @@ def test_closing_table_and_result_line_follow_the_primary_metric():
     classify = _text(summary_table(_summary()))
     assert re.search(r"accuracy \(round 0 → final\)\s+│?\s*0\.1000 → 0\.8000 \(best 0\.8500\)", classify)
     assert "exact match" not in classify and "Rouge-L" not in classify
-    assert result_line(_causal_summary()) == "  → runs/x: final Rouge-L 0.4120, 3.000 MB"
-    assert result_line(_summary(rejected=2)) == "  → runs/x: final accuracy 0.8000, 3.000 MB, 2 replies rejected"
+    assert result_line(_causal_summary()) == "  → runs/x: final Rouge-L 0.4120, 3.000 MiB"
+    assert result_line(_summary(rejected=2)) == "  → runs/x: final accuracy 0.8000, 3.000 MiB, 2 replies rejected"
 
 
 def test_cli_report_takes_target_alias(tmp_path):

@@ -78,7 +78,7 @@ def test_the_refused_and_the_supported_methods_are_the_declared_ones():
     (["dp.enabled=true", "dp.noise_multiplier=1.0"], "dp.enabled = true (DP-SGD replies"),
     (["faults.byzantine_fraction=0.2", 'faults.attack="scale"'], "faults.attack = 'scale' (it rewrites"),
     (["faults.malformed=0.1"], "faults.malformed (its kinds rewrite"),
-    (["sim.comm_budget_mb=5"], "sim.comm_budget_mb (the budget predicts"),
+    (["sim.comm_budget_mib=5"], "sim.comm_budget_mib (the budget predicts"),
     (["method.clip_norm=0.5"], "method.clip_norm clips each client's update on the server"),
     (['method.lora_aggregation="exact"'], "method.lora_aggregation = 'exact' averages each client's own B·A"),
 ])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import Config
+from fedpeft.ledger import MIB
 from fedpeft.app.runlog import run_log
 from fedpeft.app.engine.warmup import ENV_KEY, WarmupSpec
 from fedpeft.app.engine.workers import start_actors
@@ -27,7 +28,7 @@ def ray_init_args(cfg: Config, verbose: bool) -> dict[str, Any]:
     """
     args: dict[str, Any] = {
         "include_dashboard": False,
-        "object_store_memory": cfg.sim.object_store_mb * 1024 * 1024,
+        "object_store_memory": cfg.sim.object_store_mib * MIB,
         "log_to_driver": verbose,
         "logging_level": "INFO" if verbose else "WARNING",
         "configure_logging": True,

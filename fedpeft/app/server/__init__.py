@@ -70,7 +70,7 @@ def run_server(
     holder = {"dir": directory}
     ledger = CommLedger(rundir.comm_csv, client_of=lambda n: holder["dir"].client_of(n) if holder["dir"] else -1,
                         resume=ckpt is not None)
-    lgrid = LedgerGrid(grid, ledger, stop, max_reply_mb=cfg.sim.max_reply_mb)
+    lgrid = LedgerGrid(grid, ledger, stop, max_reply_mib=cfg.sim.max_reply_mib)
     simulated = directory is not None  # the driver's virtual nodes train on this task's partitions
     if directory is None:
         # Under `flwr run`: wait (up to `node-wait-s`) for as many nodes as the recipe has clients.

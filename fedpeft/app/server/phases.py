@@ -89,7 +89,7 @@ class ServerRound:
         if not self.simulated:  # a SuperNode that joined or came back since: ask its client id (charged to this round)
             rediscover(self.grid, self.directory, self.cfg.sim.round_timeout_s)
         msgs = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid))
-        if (stopped := check_round(self.cfg.sim.comm_budget_mb, rnd, self.ledger, msgs)) is not None:
+        if (stopped := check_round(self.cfg.sim.comm_budget_mib, rnd, self.ledger, msgs)) is not None:
             return stopped
         sampled = [self.directory.client_of(m.metadata.dst_node_id) for m in msgs]
         if self.secure is not None:  # each stage screened as it came back: collect_and_screen has nothing to add
