@@ -47,20 +47,25 @@ class NoOptions(BaseModel):
 class Capabilities:
     """What a method supports. Each `bool | str` field is True when supported, else the reason it is not."""
 
-    sample_dp: bool | str = True  # DP-SGD on every client (needs per-sample gradients of what the client trains)
-    user_dp: bool | str = True  # Flower's clipping + noise wrappers over each client's dense update
-    codecs: tuple[str, ...] = ("up", "down")  # which `[codecs]` directions apply to its messages
-    codecs_why: str = ""  # why a direction is missing, for the error message
-    # True when the aggregate is the (example-weighted) mean of the client tensors, before any server
-    # step; else what it is instead. User-level DP noise and `codecs.merge` rules assume a mean.
+    sample_dp: bool | str = True
+    """DP-SGD on every client (needs per-sample gradients of what the client trains)."""
+    user_dp: bool | str = True
+    """User-level DP: clipping and noise over each client's dense update."""
+    codecs: tuple[str, ...] = ("up", "down")
+    """Which `[codecs]` directions apply to its messages."""
+    codecs_why: str = ""
+    """Why a direction is missing, for the error message."""
     weighted_mean: bool | str = True
-    client_state: bool = False  # keeps per-client state in the client state store between rounds
-    # True when the aggregate is a plain weighted mean of fixed-shape dense updates, so a secure sum
-    # (`[secagg]`) can stand in for it; else why not. Off unless declared: a method must opt in.
+    """True when the aggregate is the (example-weighted) mean of the client tensors, before any server step; else
+    what it is instead. User-level DP noise and `codecs.merge` rules assume a mean."""
+    client_state: bool = False
+    """Whether it keeps per-client state in the client state store between rounds."""
     secagg: bool | str = "it does not declare that its aggregate is a weighted mean of fixed-shape dense updates"
-    # What a reply carries: DENSE adapter tensors (what tensor attacks and faults rewrite), or the name
-    # of the method's own upload form (malformed-reply kinds name the form they apply to).
+    """True when the aggregate is a plain weighted mean of fixed-shape dense updates, so a secure sum (`[secagg]`)
+    can stand in for it; else why not. Off unless declared: a method must opt in."""
     uploads: str = DENSE
+    """What a reply carries: DENSE adapter tensors (what tensor attacks and faults rewrite), or the name of the
+    method's own upload form (malformed-reply kinds name the form they apply to)."""
 
     @property
     def tensor_uploads(self) -> bool | str:
