@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedpeft.tracking.options import MlflowOptions, WandbOptions
+from fedpeft.tracking.registry import check_names
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key and what is allowed."""
@@ -341,10 +344,19 @@ class EvalConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """Where the run directory goes and how often the global adapter is checkpointed."""
+    """Where the run directory goes, how often the global adapter is checkpointed, which trackers watch the run."""
 
     dir: str = "runs"
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = final only")
+    trackers: list[str] = Field(default_factory=list, description="also send each round's metrics to these: "
+                                "tensorboard, mlflow, wandb")
+    mlflow: MlflowOptions = MlflowOptions()
+    wandb: WandbOptions = WandbOptions()
+
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        return check_names(v)
 
 
 class Config(_Section):

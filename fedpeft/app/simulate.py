@@ -29,6 +29,7 @@ from fedpeft.env import set_offline_env
 from fedpeft.nodes import NodeDirectory
 from fedpeft.rundir import RunDir
 from fedpeft.seeding import fixed_width_id
+from fedpeft.tracking.session import check_installed
 from fedpeft.app.runlog import error_text, origin, run_log, write_traceback
 from fedpeft.app.server.resume import ResumeError, read_checkpoint
 from fedpeft.app.runconfig import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY, TASK_KEY
@@ -84,6 +85,7 @@ def simulate(
     traceback in run.log.
     """
     set_offline_env()
+    check_installed(cfg.output.trackers)  # a missing tracker library stops the run before anything starts
     import ray  # before run_log: importing Ray installs its console handler, which run_log then holds back
 
     # Ray and its client workers start first: the workers import torch, transformers and peft while

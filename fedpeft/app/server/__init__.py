@@ -39,6 +39,7 @@ from fedpeft.privacy.user_level import with_user_dp
 from fedpeft.round_outcome import FailurePolicy, describe_failed_rounds
 from fedpeft.rundir import RunDir
 from fedpeft.state import store_for
+from fedpeft.tracking.session import Tracking
 from strategies import get_strategy_class
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -108,36 +109,39 @@ def run_server(
             on_round(row0)
         rows = [row0]
     stopped = None
-    for rnd in range(rows[-1]["round"] + 1, cfg.sim.rounds + 1):
-        t0 = time.perf_counter()
-        sent = run.sample_and_send(rnd, arrays)
-        if not isinstance(sent, Sent):  # the communication budget would be exceeded
-            stopped = sent
-            break
-        agg = run.aggregate(rnd, run.collect_and_screen(rnd, sent), arrays)
-        arrays = agg.arrays
-        row = run.record(rnd, sent, agg, t0)
-        rows.append(row)
-        run.checkpoint(rnd, arrays)
-        if on_round:
-            on_round(row)
-        if (stopped := policy.record(rnd, "round_failed" in row)) is not None:
-            log(WARNING, "%s", describe_failed_rounds(stopped.record()))
-            break
+    # output.trackers: fed the rounds recorded so far, then each round; closed however the run ends
+    with Tracking.open(cfg, rundir, resumed=ckpt is not None) as tracking:
+        for rnd in range(rows[-1]["round"] + 1, cfg.sim.rounds + 1):
+            t0 = time.perf_counter()
+            sent = run.sample_and_send(rnd, arrays)
+            if not isinstance(sent, Sent):  # the communication budget would be exceeded
+                stopped = sent
+                break
+            agg = run.aggregate(rnd, run.collect_and_screen(rnd, sent), arrays)
+            arrays = agg.arrays
+            row = run.record(rnd, sent, agg, t0)
+            rows.append(row)
+            run.checkpoint(rnd, arrays)
+            tracking.log(row)
+            if on_round:
+                on_round(row)
+            if (stopped := policy.record(rnd, "round_failed" in row)) is not None:
+                log(WARNING, "%s", describe_failed_rounds(stopped.record()))
+                break
 
-    if stopped is not None:
-        rundir.append_metrics(stopped.event())
-    strategy.export(model, rundir)
-    summary = run_summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
-    summary.update(score_summary(run.evaluator.primary, rows))
-    summary["label_names"] = list(task.label_names)
-    summary.update(run.privacy.summary())
-    summary.update(strategy.run_report(ledger, rows))
-    if faults is not None:
-        summary["injected_faults"] = dict(sum((Counter(r.get("faults", {})) for r in rows), Counter()))
-    if stopped is not None:
-        summary["stopped"] = stopped.record()
-    rundir.write_summary(summary)
+        if stopped is not None:
+            rundir.append_metrics(stopped.event())
+        strategy.export(model, rundir)
+        summary = run_summary(cfg, rows, ledger, model, time.perf_counter() - t_start, rundir)
+        summary.update(score_summary(run.evaluator.primary, rows))
+        summary["label_names"] = list(task.label_names)
+        summary.update(run.privacy.summary())
+        summary.update(strategy.run_report(ledger, rows))
+        if faults is not None:
+            summary["injected_faults"] = dict(sum((Counter(r.get("faults", {})) for r in rows), Counter()))
+        if stopped is not None:
+            summary["stopped"] = stopped.record()
+        rundir.write_summary(summary)
     return summary
 
 
