@@ -93,19 +93,35 @@ def test_front_page_shows_the_readme_test_command_verbatim(site: Path) -> None:
     assert command in _text(_built_page(site, "index.md")), f"docs/index.md lacks README's test command:\n{command}"
 
 
-def test_readme_links_into_docs_lead_to_existing_files() -> None:
+def _readme_links() -> list[str]:
+    """The targets of README's Markdown links, URLs and README's own anchors left out."""
     text = README.read_text(encoding="utf-8")
     text = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)  # code blocks hold no links
     targets = re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)  # [text](target "title")
     targets += re.findall(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", text, re.MULTILINE)  # [label]: target
+    return [t for t in targets if not (re.match(r"[a-z][a-z0-9+.-]*:", t, re.IGNORECASE) or t.startswith("#"))]
+
+
+def test_readme_links_into_docs_lead_to_existing_files() -> None:
     broken = []
-    for target in targets:
-        if re.match(r"[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) or target.startswith("#"):
-            continue  # a URL or an anchor in README itself
+    for target in _readme_links():
         path = (README.parent / target.split("#")[0]).resolve()
         if path.is_relative_to(DOCS.resolve()) and not path.exists():
             broken.append(target)
     assert not broken, f"README.md links to docs/ files that do not exist: {broken}"
+
+
+def test_readme_links_into_docs_lead_to_sections_that_exist(site: Path) -> None:
+    missing = []
+    for target in _readme_links():
+        doc, _, anchor = target.partition("#")
+        path = (README.parent / doc).resolve()
+        if not anchor or not path.is_relative_to(DOCS.resolve()) or path.suffix != ".md":
+            continue
+        page = _built_page(site, path.relative_to(DOCS.resolve()).as_posix())
+        if not page.is_file() or f'id="{anchor}"' not in page.read_text(encoding="utf-8"):
+            missing.append(target)
+    assert not missing, f"README.md links to sections of docs/ pages that do not exist: {missing}"
 
 
 def test_a_broken_link_or_anchor_fails_the_strict_build(tmp_path: Path) -> None:
