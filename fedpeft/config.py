@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedpeft.config_sources import data_source, model_source
 from fedpeft.tracking.options import MlflowOptions, WandbOptions
 from fedpeft.tracking.registry import check_names
 
@@ -41,7 +42,8 @@ class ModelConfig(_Section):
 
     kind: Literal["classifier", "causal-lm"] = Field(
         "classifier", description="classifier: text -> label; causal-lm: instruction -> generated response")
-    source: Literal["embedded", "local", "hub", "gguf", "tiny"] = "embedded"
+    source: Literal["auto", "embedded", "local", "hub", "gguf", "tiny"] = Field(
+        "auto", description="auto = embedded without a path; with one: gguf (a .gguf file), local (a folder) or hub")
     embedded: Literal["auto", "minilm", "smollm2"] = Field(
         "auto", description="source=embedded: which packaged model; auto = MiniLM-L6 for classifier, "
         "SmolLM2-135M-Instruct for causal-lm")
@@ -50,9 +52,8 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = TinyModelConfig()
 
     @model_validator(mode="after")
-    def _path_needed(self) -> "ModelConfig":
-        if self.source in ("local", "hub", "gguf") and not self.path:
-            raise ValueError(f"model.path is required when model.source = '{self.source}'")
+    def _resolve_source(self) -> "ModelConfig":
+        self.__dict__["source"] = model_source(self.source, self.path)  # no re-validation loop
         return self
 
 
@@ -83,7 +84,8 @@ class BuiltinDataConfig(_Section):
 class DataConfig(_Section):
     """Where examples come from and which columns hold text and label."""
 
-    source: Literal["builtin", "file", "hub"] = "builtin"
+    source: Literal["auto", "builtin", "file", "hub"] = Field(
+        "auto", description="auto = builtin without a path; with one: file (exists or has a data suffix) or hub")
     path: str = Field("", description="file or save_to_disk folder (source=file) or hub dataset id (source=hub)")
     test_path: str = Field("", description="optional separate test file or folder")
     text_column: str = "text"
@@ -99,9 +101,8 @@ class DataConfig(_Section):
     builtin: BuiltinDataConfig = BuiltinDataConfig()
 
     @model_validator(mode="after")
-    def _path_needed(self) -> "DataConfig":
-        if self.source in ("file", "hub") and not self.path:
-            raise ValueError(f"data.path is required when data.source = '{self.source}'")
+    def _resolve_source(self) -> "DataConfig":
+        self.__dict__["source"] = data_source(self.source, self.path)  # no re-validation loop
         return self
 
 

@@ -115,5 +115,9 @@ def test_the_default_recipe_runs_on_a_users_csv_without_editing_it(tmp_path):
                                               for i in range(300)))
     recipe = Path(__file__).resolve().parents[2] / "simulations" / "default.toml"
     cfg = load(recipe, [f'data.path="{csv}"', "sim.num_clients=10", "sim.clients_per_round=5"])
+    assert cfg.data.source == "file"
     task = prepare(cfg, tmp_path / "task")
-    assert len(task.partitions) == 10 and sum(len(p) for p in task.partitions) > 0
+    assert len(task.partitions) == 10
+    # The CSV's rows and class names, not the built-in task's 8,000 reviews.
+    assert sum(len(p) for p in task.partitions) + len(task.test) == 300
+    assert list(task.label_names) == names
