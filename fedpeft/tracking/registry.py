@@ -20,7 +20,7 @@ class TrackerSpec:
     module: str  # the fedpeft module holding the class
     cls: str
     library: str  # the top-level module the tracker imports (checked before a run starts)
-    extra: str  # `pip install 'fedpeft[<extra>]'`
+    extra: str  # the optional-dependency group: `pip install -e '.[<extra>]'`
 
 
 TRACKERS: dict[str, TrackerSpec] = {}
@@ -61,7 +61,7 @@ def missing(names: list[str]) -> list[str]:
         spec = TRACKERS[name]
         if importlib.util.find_spec(spec.library) is None:
             out.append(f"output.trackers has '{name}' but {spec.library} is not installed: "
-                       f"pip install 'fedpeft[{spec.extra}]'")
+                       f"pip install -c constraints.txt -e '.[{spec.extra}]' (in the fedpeft folder)")
     return out
 
 

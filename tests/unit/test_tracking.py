@@ -45,7 +45,7 @@ def test_missing_tracker_libraries_stop_the_cli_before_the_run_starts(tmp_path: 
     assert done.returncode == 2, done.stderr[-2000:]
     message = " ".join(done.stderr.split())  # the console wraps long lines
     for name in names:
-        assert f"output.trackers has '{name}' but {name} is not installed: pip install 'fedpeft[{name}]'" in message
+        assert f"output.trackers has '{name}' but {name} is not installed: pip install -c constraints.txt -e '.[{name}]'" in message
     assert not (tmp_path / "runs").exists()
 
 
