@@ -79,7 +79,7 @@ def method_overlay(method: str) -> dict:
 
     The method itself is always set; a method without a recipe of its own runs with its default options.
     """
-    from fedpeft.config import read_recipe
+    from fedpeft.recipe_file import read_recipe
 
     default = read_recipe(ROOT / "simulations" / "default.toml")
     path = ROOT / "simulations" / f"{method}.toml"
@@ -95,7 +95,7 @@ def method_overlay(method: str) -> dict:
 def bench_config(method: str, extra: dict | None = None, overrides: list[str] | None = None):
     """The validated config of `method` on the method benchmark: bench.toml + the method's recipe + `extra`."""
     from fedpeft.app.recipe import validate
-    from fedpeft.config import apply_overrides, read_recipe
+    from fedpeft.recipe_file import apply_overrides, read_recipe
 
     bench, overlay = read_recipe(BENCH), method_overlay(method)
     if overlay.get("adapter", {}).get("type", bench["adapter"]["type"]) != bench["adapter"]["type"]:

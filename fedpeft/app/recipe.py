@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.adapters import build_peft_config
-from fedpeft.config import Config, ConfigError, read_recipe, schema_validate
+from fedpeft.config import Config, ConfigError
+from fedpeft.recipe_file import read_recipe, schema_validate
 from fedpeft.faults.attacks import REWRITING
 from fedpeft.faults.malformed import ANY, DENSE, KINDS
 from fedpeft.privacy import user_level

@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
 from fedpeft.adapters import adapter_state
-from fedpeft.config import read_recipe
+from fedpeft.recipe_file import read_recipe
 from fedpeft.data import prepare
 from fedpeft.models import build_model
 from fedpeft.nodes import NodeDirectory
