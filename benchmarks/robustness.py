@@ -65,18 +65,34 @@ def run(key: str, out: Path, extra: list[str]) -> dict:
 
 
 def table(out: Path) -> str:
-    """Markdown table: final and best accuracy of every finished run, and the gap to the clean run."""
+    """Markdown table, an attack a row and an aggregator a column: final (best) accuracy of every finished run,
+    and the best robust aggregator's gap to clean FedAvg."""
     done = {k: json.loads((out / f"{k}.json").read_text()) for k in RUNS if (out / f"{k}.json").is_file()}
     if not done:
         return f"no finished runs in {out}"
     clean = done.get("clean")
-    lines = [("| aggregator | attack | final accuracy | best | vs clean FedAvg (points, final) | "
-              "Byzantine clients per round |"), "|---|---|---|---|---|---|"]
-    for r in done.values():
-        gap = f"{100 * (r['accuracy'][-1] - clean['accuracy'][-1]):+.1f}" if clean else "–"
-        byz = ", ".join(map(str, r["byzantine_per_round"])) if any(r["byzantine_per_round"]) else "–"
-        lines.append(f"| {r['label']} | {r['attack']} | {r['accuracy'][-1]:.3f} | {max(r['accuracy']):.3f} | {gap} | "
-                     f"{byz} |")
+    clean_final = clean["accuracy"][-1] if clean else None
+    head = " | ".join(label for label, _ in AGGREGATORS.values())
+    lines = [f"| attack | {head} | best robust aggregator vs clean FedAvg (points, final) |",
+             "|---" * (len(AGGREGATORS) + 2) + "|"]
+    if clean:
+        cells = [f"**{clean_final:.3f}** ({max(clean['accuracy']):.3f})"] + ["–"] * (len(AGGREGATORS) - 1)
+        lines.append(f"| none | {' | '.join(cells)} | – |")
+    for attack_key, (attack, _) in ATTACKS.items():
+        cells, robust = [], []
+        for agg in AGGREGATORS:
+            r = done.get(f"{agg}-{attack_key}")
+            cells.append(f"{r['accuracy'][-1]:.3f} ({max(r['accuracy']):.3f})" if r else "not run")
+            if r and agg != "fedavg":
+                robust.append((r["accuracy"][-1], AGGREGATORS[agg][0]))
+        best = max(robust) if robust else None
+        gap = (f"{best[1]}: {100 * (best[0] - clean_final):+.1f}" if best and clean_final is not None else "–")
+        lines.append(f"| {attack} | {' | '.join(cells)} | {gap} |")
+    per_round = next((r["byzantine_per_round"] for r in done.values() if any(r["byzantine_per_round"])), None)
+    if per_round:
+        lines.append("")
+        lines.append(f"Byzantine clients among the 7 sampled, rounds 1–{len(per_round)} (the same in every attacked run): "
+                     f"{', '.join(map(str, per_round))}.")
     return "\n".join(lines)
 
 
