@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedpeft.config_sources import data_source, model_source
 from fedpeft.tracking.options import MlflowOptions, WandbOptions
@@ -409,4 +409,7 @@ class Config(_Section):
     @classmethod
     def from_json(cls, text: str) -> "Config":
         """Rebuild a config serialized with `to_json` (schema only: it was fully validated when made)."""
-        return cls.model_validate(json.loads(text))
+        try:
+            return cls.model_validate(json.loads(text))
+        except ValidationError as err:  # a client's rebuilt config is checked as a recipe is
+            raise ConfigError(str(err)) from None
