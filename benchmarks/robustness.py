@@ -91,7 +91,7 @@ def table(out: Path) -> str:
     per_round = next((r["byzantine_per_round"] for r in done.values() if any(r["byzantine_per_round"])), None)
     if per_round:
         lines.append("")
-        lines.append(f"Byzantine clients among the 7 sampled, rounds 1–{len(per_round)} (the same in every attacked run): "
+        lines.append(f"Byzantine clients among the {CLIENTS_PER_ROUND} sampled, rounds 1–{len(per_round)} (the same in every attacked run): "
                      f"{', '.join(map(str, per_round))}.")
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-MIB = float(2**20)
+from fedpeft.ledger import MIB
+
 EVAL = {"accuracy", "loss", "perplexity", "rouge_l", "exact_match", "mc_accuracy", "mc_accuracy_norm"}
 CLIENTS = {"clients", "sampled", "accepted", "rejected", "workers_replaced", "client_retries"}
 

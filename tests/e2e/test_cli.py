@@ -10,23 +10,15 @@ import time
 import uuid
 from pathlib import Path
 
+from procs import command_line, proc_files
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "fedpeft.app.cli"]
 
 
 def _processes_with_marker(marker: str) -> list[str]:
     """Command lines of live processes whose environment carries `marker` (all descendants inherit it)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-            if marker.encode() in env:
-                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:
-            continue
-    return found
+    return [command_line(f) for _, f in proc_files("environ", "cmdline") if marker.encode() in f["environ"]]
 
 
 def _run(args: list[str], tmp_path: Path, marker: str = "") -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMOKE, TINY_RUN
+from procs import proc_files
 from typer.testing import CliRunner
 
 from fedpeft.app.cli import app
@@ -142,18 +143,8 @@ def test_report_names_an_interrupted_or_vanished_run(tmp_path):
 # ----- a client's worker dies mid-run ---------------------------------------------------------
 def _workers(marker: str) -> list[int]:
     """PIDs of Ray's client workers started by the command carrying `marker` in its environment."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in env and b"ClientAppActor" in cmd:
-            found.append(int(pid))
-    return found
+    return [pid for pid, f in proc_files("environ", "cmdline")
+            if marker.encode() in f["environ"] and b"ClientAppActor" in f["cmdline"]]
 
 
 def _cpu_ticks(pid: int) -> int:

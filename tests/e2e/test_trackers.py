@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMOKE, TINY_RUN
+from procs import command_line, proc_files
 from run_fixtures import ledger_sums
 
 from fedpeft.app.recipe import load
@@ -128,15 +129,6 @@ def test_wandb_offline_run_holds_the_history(tracked) -> None:
 
 def test_no_tracker_process_outlives_the_run(tracked) -> None:
     """W&B's service (wandb-core) was shut down with the run: no child of this process runs it."""
-    children = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-            children.append(cmd)
+    children = [command_line(f) for _, f in proc_files("stat", "cmdline")
+                if int(f["stat"].decode().rsplit(")", 1)[1].split()[1]) == os.getpid()]
     assert not [c for c in children if "wandb" in c or "mlflow" in c]
