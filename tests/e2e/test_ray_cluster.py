@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
+from procs import command_line, proc_files
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -29,15 +29,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+OWN_RAY = """
+import ray
+from fedpeft.app.engine.ray_session import ray_init_args
+from fedpeft.app.recipe import load
+ray.init(**ray_init_args(load("simulations/smoke.toml", ["sim.num_cpus=1"]), verbose=False))
+print(ray.get_runtime_context().gcs_address)
+ray.shutdown()
+"""
+
+
 def _ppid_map() -> dict[int, int]:
     out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-                out[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
+    for pid, f in proc_files("stat"):
+        try:
+            out[pid] = int(f["stat"].rsplit(b")", 1)[1].split()[1])
+        except (ValueError, IndexError):
+            pass
     return out
 
 
@@ -57,15 +65,7 @@ def _tree(root_pids: list[int]) -> set[int]:
 
 def _marked(marker: str) -> set[int]:
     """Processes whose command line names this test's private Ray temp dir (Ray daemons and workers)."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    out.add(int(d.name))
-            except OSError:
-                pass
-    return out
+    return {pid for pid, f in proc_files("cmdline") if marker in command_line(f)}
 
 
 def _comm(pid: int) -> str:
@@ -168,6 +168,13 @@ def test_simulation_runs_on_both_nodes_of_an_existing_ray_cluster(tmp_path):
         assert sum(1 for r in comm if r["direction"] == "up" and r["record"] == "_envelope") == 16
         # The driver left the cluster running: it did not start it, so it did not stop it.
         assert all(_alive(pid) for pid in daemons)
+        assert sorted(_wait_nodes(address, 2, procs, tmp_path)) == sorted(nodes)
+        # Without sim.ray_address a run starts its own Ray, even with this cluster named by RAY_ADDRESS
+        # (plain ray.init() would join it, and refuse the run's num_cpus).
+        own = subprocess.run([sys.executable, "-c", OWN_RAY], env={**env, "RAY_ADDRESS": address},
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert own.returncode == 0, own.stderr[-3000:]
+        assert own.stdout.split()[-1] not in ("", address), own.stdout
         assert sorted(_wait_nodes(address, 2, procs, tmp_path)) == sorted(nodes)
     finally:
         left = _stop(procs, ray_tmp)

@@ -27,6 +27,9 @@ def ray_init_args(cfg: Config, verbose: bool) -> dict[str, Any]:
     driver's Ray log lines go to run.log (see `fedpeft.app.runlog`).
     """
     args: dict[str, Any] = {
+        # Always a new Ray of our own: without it, ray.init joins the newest `ray start` cluster on this
+        # machine (or RAY_ADDRESS), which refuses num_cpus and is not ours to size or stop.
+        "address": "local",
         "include_dashboard": False,
         "object_store_memory": cfg.sim.object_store_mib * MIB,
         "log_to_driver": verbose,
