@@ -33,7 +33,7 @@ METHODS: dict[str, tuple[str, str, list[str]]] = {
     "loha": ("FedPara: LoHa r=4", "fedpara.toml", []),
     "pfedpara": ("pFedPara: LoHa r=8, one pair sent", "pfedpara.toml", []),
     "ffa-lora": ("FFA-LoRA r=16, B sent", "ffa-lora.toml", ["adapter.r=16", "adapter.lora_alpha=32"]),
-    "flexlora": ("FlexLoRA r=4/8/16 (30/50/20 %)", "flexlora.toml", []),
+    "flexlora": ("FlexLoRA r=4/8/16 (30/50/20 %)", "flexlora.toml", ["method.rank_tiers={4 = 0.3, 8 = 0.5, 16 = 0.2}"]),
     "lora-exact": ("LoRA r=8, exact (SVD of mean B·A)", "lora-exact.toml", []),
 }
 

@@ -35,8 +35,8 @@ SWEEPS: dict[str, list[dict]] = {
     "fedadagrad": [{"method": {"eta": e}} for e in (0.001, 0.003)],  # shipped: 0.01
     "fedavgm": [{"method": {"momentum": 0.9}}],  # shipped: 0.5
     "fedprox": [{"method": {"mu": 0.1}}],  # shipped: 0.01
-    "hetlora": [{"method": {"rank_tiers": {"8": 0.5, "16": 0.5}}}],  # shipped: 4/8/16 at 30/50/20 %
-    "flexlora": [{"method": {"rank_tiers": {"8": 0.5, "16": 0.5}}}],  # shipped: 4/8/16 at 30/50/20 %
+    "hetlora": [{"method": {"rank_tiers": {"4": 0.3, "8": 0.5, "16": 0.2}}}],  # shipped: 8/16 at 50/50 %
+    "flexlora": [{"method": {"rank_tiers": {"4": 0.3, "8": 0.5, "16": 0.2}}}],  # shipped: 8/16 at 50/50 %
     "fedkseed": [{"train": {"lr": 0.03}}],  # shipped: 0.01
 }
 VARIANTS = {"fedavg-exact": ("fedavg", {"method": {"lora_aggregation": "exact"}})}

@@ -28,19 +28,31 @@ def _client_actors(alive_only: bool = False) -> set[str]:
     return {aid for aid, a in actors.items() if a["ActorClassName"] == "ClientAppActor"}
 
 
-def _leftovers() -> set[str]:
-    """fedpeft's temporary folders for a run's start (warm-up spec, Ray's start-up log, task staging)."""
-    root = Path(tempfile.gettempdir())
-    return {p.name for pattern in ("fedpeft-warmup-*", "fedpeft-ray-start-*", "fedpeft-task-*") for p in root.glob(pattern)}
+@pytest.fixture
+def made_temp_folders(monkeypatch) -> list[Path]:
+    """fedpeft's temporary folders this test's run creates (warm-up spec, Ray's start-up log, task staging).
+
+    Recorded as they are made rather than by listing the temp directory, which other test workers share.
+    """
+    made: list[Path] = []
+    real = tempfile.mkdtemp
+
+    def recording(*args, **kwargs):
+        path = real(*args, **kwargs)
+        if Path(path).name.startswith("fedpeft-"):
+            made.append(Path(path))
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
+    return made
 
 
-def test_the_workers_started_before_the_task_was_prepared_run_the_clients(tmp_path):
+def test_the_workers_started_before_the_task_was_prepared_run_the_clients(tmp_path, made_temp_folders):
     import ray
 
     from fedpeft.app.recipe import load
     from fedpeft.app.simulate import simulate
 
-    before = _leftovers()
     cfg = load(SMOKE, [*RUN, f'output.dir="{tmp_path / "runs"}"'])
     seen: dict[str, set[str]] = {}
     rows: list[dict] = []
@@ -57,22 +69,24 @@ def test_the_workers_started_before_the_task_was_prepared_run_the_clients(tmp_pa
     assert rows[1]["clients"] == 4 and rows[1]["rejected"] == 0
     assert summary["rounds_completed"] == 1
     assert not ray.is_initialized()
-    assert _leftovers() <= before, "the warm-up spec and Ray's start-up log are removed"
+    made = {p.name.rsplit("-", 1)[0] for p in made_temp_folders}
+    assert {"fedpeft-warmup", "fedpeft-ray-start", "fedpeft-task"} <= made, "the run made its three temp folders"
+    assert not [p for p in made_temp_folders if p.exists()], "the warm-up spec and Ray's start-up log are removed"
     assert "Ray session logs" in (Path(summary["run_dir"]) / "run.log").read_text(), "Ray's start is logged in run.log"
 
 
-def test_a_task_that_cannot_be_prepared_stops_ray_and_leaves_nothing(tmp_path):
+def test_a_task_that_cannot_be_prepared_stops_ray_and_leaves_nothing(tmp_path, made_temp_folders):
     import ray
 
     from fedpeft.data import DataError
     from fedpeft.app.recipe import load
     from fedpeft.app.simulate import simulate
 
-    before = _leftovers()
     cfg = load(SMOKE, [*RUN, 'partition.type="dirichlet"', 'partition.by="no_such_column"',
                        f'output.dir="{tmp_path / "runs"}"'])
     with pytest.raises(DataError, match="no_such_column"):
         simulate(cfg)
     assert not ray.is_initialized(), "Ray started for the run is shut down"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run directory"
-    assert _leftovers() <= before
+    assert made_temp_folders, "the run got as far as making its temp folders"
+    assert not [p for p in made_temp_folders if p.exists()], "its temp folders are removed"
