@@ -38,7 +38,7 @@ SWEEPS: dict[str, list[dict]] = {
     "hetlora": [{"method": {"rank_tiers": {"4": 0.3, "8": 0.5, "16": 0.2}}}],  # shipped: 8/16 at 50/50 %
     "flexlora": [{"method": {"rank_tiers": {"4": 0.3, "8": 0.5, "16": 0.2}}}],  # shipped: 8/16 at 50/50 %
     "fedkseed": [{"train": {"lr": 0.03}}],  # shipped: 0.01
-    "scaffold": [{"train": {"lr": lr}} for lr in (0.1, 0.2)],  # plain local SGD; shipped: 0.5
+    "scaffold": [{"train": {"lr": lr}} for lr in (0.1, 0.5)],  # plain local SGD; shipped: 0.2
 }
 VARIANTS = {"fedavg-exact": ("fedavg", {"method": {"lora_aggregation": "exact"}})}
 # The benchmark samples 5 clients per round: Krum's rules tolerate f = 1 there (their recipes' f = 2 needs 7).
